@@ -1,0 +1,40 @@
+"""The ``rlhf`` command.  Subcommands are registered in ``COMMANDS``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _demo(argv: list[str]) -> int:
+    """A short tour of the kernels on random data: what a training step computes with them."""
+    parser = argparse.ArgumentParser(prog="rlhf demo", description=_demo.__doc__)
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--backend", default="auto")
+    args = parser.parse_args(argv)
+    from .demo import run_demo
+
+    run_demo(tokens=args.tokens, vocab=args.vocab, backend=args.backend)
+    return 0
+
+
+COMMANDS = {"demo": _demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: rlhf {" + ",".join(COMMANDS) + "} [options]\n")
+        for name, fn in COMMANDS.items():
+            print(f"  {name:<10} {(fn.__doc__ or '').strip().splitlines()[0]}")
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"rlhf: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    return COMMANDS[name](rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

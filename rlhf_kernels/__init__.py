@@ -1,0 +1,50 @@
+"""rlhf_kernels: fused kernels for the hot spots of RLHF training.
+
+Public API (see each function's docstring for shapes, dtypes and formulas)::
+
+    token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False)
+    kl_penalty(logprobs, ref_logprobs, *, estimator="k3")
+    gae(rewards, values, mask, *, gamma=1.0, lam=0.95)
+    ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None,
+                    dual_clip=None, agg="token-mean")
+    ppo_value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-mean")
+    dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta=0.1,
+             loss_type="sigmoid", label_smoothing=0.0)
+    masked_mean(x, mask, dim=None), masked_whiten(x, mask, shift_mean=True)
+
+Every function takes ``backend="auto" | "reference" | "triton" | "cuda" | "cpu"``; with "auto" the
+environment variable ``RLHF_KERNELS_BACKEND`` is honoured.  ``python -m rlhf_kernels`` prints which
+backends run on this machine.
+"""
+
+from ._api import (
+    dpo_loss,
+    gae,
+    kl_penalty,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+    token_logprobs,
+)
+from ._dispatch import BACKEND_NAMES, OPS, BackendUnavailableError
+from ._info import available_backends, info
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKEND_NAMES",
+    "BackendUnavailableError",
+    "OPS",
+    "__version__",
+    "available_backends",
+    "dpo_loss",
+    "gae",
+    "info",
+    "kl_penalty",
+    "masked_mean",
+    "masked_whiten",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "token_logprobs",
+]

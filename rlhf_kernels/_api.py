@@ -1,0 +1,349 @@
+"""Public functional API of rlhf_kernels.
+
+Every function validates its arguments (errors name the argument), picks a backend (see
+:mod:`rlhf_kernels._dispatch`) and calls it.  The reference backend in
+:mod:`rlhf_kernels.reference` defines the semantics; every other backend is tested equal to it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _validation as V
+from ._dispatch import resolve
+from .reference import AGG_MODES, KL_ESTIMATORS, LOSS_TYPES
+from .reference import masked as _masked
+
+_INT_LABEL_DTYPES = (torch.int64, torch.int32)
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    backend: str = "auto",
+):
+    """Log-probability of each label token (and the entropy) from logits, in one fused pass.
+
+    With z = logits / temperature, computed in fp32 whatever the input dtype::
+
+        logprob = z[label] - logsumexp(z)
+        entropy = -sum_v softmax(z)_v * log softmax(z)_v
+
+    Args:
+        logits: ``[..., V]`` float32, bfloat16 or float16 (float64 on the reference backend).
+            Never written to.
+        labels: ``[...]`` int64 (or int32), already aligned with ``logits`` (the caller shifts),
+            each in ``[0, V)`` or equal to ``ignore_index``.
+        temperature: > 0; the sampling temperature the tokens were drawn with.
+        ignore_index: label value that marks positions to ignore (prompt, padding).
+        return_entropy: also return the entropy of softmax(z) per position.
+
+    Returns:
+        ``logprobs`` ``[...]`` float32, 0 where ``labels == ignore_index``; with
+        ``return_entropy``, the tuple ``(logprobs, entropy)``, entropy ``[...]`` float32, 0 at
+        ignored positions.  Gradients flow to ``logits``: ``(onehot - softmax(z)) / temperature``
+        for the log-prob, ``-p * (log p + H) / temperature`` for the entropy.
+
+    Replaces ``torch.log_softmax(logits.float() / T, -1).gather(-1, labels[..., None])`` (the way
+    TRL, OpenRLHF and verl compute it) without materialising the fp32 ``[N, V]`` log-softmax.
+    """
+    V.check_float("logits", logits)
+    V.check_tensor("labels", labels)
+    if logits.dim() < 1:
+        raise ValueError("logits must have at least one dimension (the vocabulary), got a 0-d tensor")
+    if labels.dtype not in _INT_LABEL_DTYPES:
+        raise TypeError(f"labels must be an int64 (or int32) tensor, got {labels.dtype}")
+    V.check_shape("labels", labels, logits.shape[:-1], "logits.shape[:-1]")
+    V.check_same_device({"logits": logits, "labels": labels})
+    temperature = V.check_range("temperature", temperature, 0.0, None, low_open=True)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not isinstance(return_entropy, bool):
+        raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
+    vocab = logits.shape[-1]
+    if vocab == 0 and labels.numel() > 0:
+        raise ValueError("logits must have a non-empty last dimension (the vocabulary size V)")
+    labels = labels.long()
+    V.check_labels(labels, vocab, ignore_index)
+    _, fn = resolve("token_logprobs", backend, logits.device, (logits.dtype,))
+    logprobs, entropy = fn(logits, labels, temperature, ignore_index, return_entropy)
+    return (logprobs, entropy) if return_entropy else logprobs
+
+
+def kl_penalty(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    *,
+    estimator: str = "k3",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Per-token KL estimate between the policy and the reference (Schulman, 2020).
+
+    With d = logprobs - ref_logprobs (fp32): ``k1 = d``, ``k2 = d^2 / 2``,
+    ``k3 = exp(-d) - 1 + d`` (unbiased, always >= 0), ``abs = |d|``.
+
+    Args:
+        logprobs: ``[...]`` float, log pi(token) of the policy.
+        ref_logprobs: ``[...]`` float, same shape, log pi_ref(token).
+        estimator: ``"k1" | "k2" | "k3" | "abs"``.
+
+    Returns: ``[...]`` float32; differentiable w.r.t. both inputs.
+    """
+    V.check_float("logprobs", logprobs)
+    V.check_float("ref_logprobs", ref_logprobs)
+    V.check_shape("ref_logprobs", ref_logprobs, logprobs.shape, "logprobs")
+    V.check_same_device({"logprobs": logprobs, "ref_logprobs": ref_logprobs})
+    V.check_choice("estimator", estimator, KL_ESTIMATORS)
+    _, fn = resolve("kl_penalty", backend, logprobs.device, (logprobs.dtype, ref_logprobs.dtype))
+    return fn(logprobs, ref_logprobs, estimator)
+
+
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    backend: str = "auto",
+):
+    """Generalized Advantage Estimation (Schulman et al., 2016) in one reverse scan.
+
+    Scanning t = T-1 .. 0 with A_next = V_next = 0 past the end, at valid steps::
+
+        delta_t = r_t + gamma * V_next - V_t
+        A_t     = delta_t + gamma * lam * A_next,    returns_t = A_t + V_t
+
+    At a step where ``mask`` is 0 the running advantage and the next value carry over unchanged
+    (interior masks such as tool output inside a multi-turn response are skipped over), and
+    advantages and returns are 0 there.  On right-padded batches this is the textbook GAE; at valid
+    steps it equals verl's masked GAE.
+
+    Args:
+        rewards: ``[B, T]`` float, per-token rewards (score at the last token, KL penalty per token).
+        values: ``[B, T]`` float, value estimates V(s_t).
+        mask: ``[B, T]`` bool or 0/1, the response tokens.
+        gamma: discount in [0, 1].
+        lam: GAE lambda in [0, 1].
+
+    Returns: ``(advantages, returns)``, each ``[B, T]`` float32.
+    """
+    V.check_float("rewards", rewards)
+    V.check_float("values", values)
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be a 2-D [B, T] tensor, got {rewards.dim()}-D shape {tuple(rewards.shape)}")
+    V.check_shape("values", values, rewards.shape, "rewards")
+    mask = V.check_mask("mask", mask, rewards.shape, "rewards")
+    V.check_same_device({"rewards": rewards, "values": values, "mask": mask})
+    gamma = V.check_range("gamma", gamma, 0.0, 1.0)
+    lam = V.check_range("lam", lam, 0.0, 1.0)
+    _, fn = resolve("gae", backend, rewards.device, (rewards.dtype, values.dtype))
+    return fn(rewards, values, mask, gamma, lam)
+
+
+def _check_agg(agg: str, ndim: int) -> str:
+    V.check_choice("agg", agg, AGG_MODES)
+    if agg != "token-mean" and ndim != 2:
+        raise ValueError(f"agg={agg!r} needs 2-D [B, T] inputs, got {ndim}-D")
+    return agg
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    agg: str = "token-mean",
+    backend: str = "auto",
+):
+    """Clipped PPO policy loss (Schulman et al., 2017), with asymmetric and dual clipping.
+
+    ::
+
+        ratio = exp(clamp(logprobs - old_logprobs, -20, 20))
+        pg    = max(-A * ratio, -A * clamp(ratio, 1 - clip_low, 1 + clip_high))
+        dual clip c > 1 (Ye et al., 2020), where A < 0:  pg = min(pg, -A * c)
+
+    Aggregation ``agg`` (as verl): ``"token-mean"`` = sum(pg * m) / sum(m);
+    ``"seq-mean-token-mean"`` = mean over sequences with a valid token of their token mean;
+    ``"seq-mean-token-sum"`` = sum over all B sequences of their token sum, divided by B.
+
+    Args:
+        logprobs: ``[B, T]`` float, current policy log-probs (carries the gradient).
+        old_logprobs: ``[B, T]`` float, log-probs at rollout time.
+        advantages: ``[B, T]`` float.
+        mask: ``[B, T]`` bool or 0/1; masked entries may hold NaN and are never read.
+        clip_low, clip_high: clip range ``[1 - clip_low, 1 + clip_high]``; clip_high defaults to
+            clip_low (DAPO's clip-higher uses clip_high > clip_low).
+        dual_clip: None, or the dual-clip constant c > 1.
+
+    Returns:
+        ``(loss, stats)``: a float32 scalar, and a dict of detached float32 scalars ``clipfrac``
+        (fraction of valid tokens where the clipped term is the larger), ``clipfrac_lower``
+        (fraction where the dual clip bound is active) and ``approx_kl`` (token mean of
+        old_logprobs - logprobs, verl's ``ppo_kl``).  An empty mask gives a loss of 0.
+    """
+    named = {"logprobs": logprobs, "old_logprobs": old_logprobs, "advantages": advantages}
+    for name, t in named.items():
+        V.check_float(name, t)
+    if logprobs.dim() < 1:
+        raise ValueError("logprobs must have at least one dimension ([B, T] expected), got a 0-d tensor")
+    V.check_shape("old_logprobs", old_logprobs, logprobs.shape, "logprobs")
+    V.check_shape("advantages", advantages, logprobs.shape, "logprobs")
+    mask = V.check_mask("mask", mask, logprobs.shape, "logprobs")
+    V.check_same_device({**named, "mask": mask})
+    clip_low = V.check_range("clip_low", clip_low, 0.0, None)
+    clip_high = V.check_range("clip_high", clip_high, 0.0, None, allow_none=True)
+    if clip_high is None:
+        clip_high = clip_low
+    dual_clip = V.check_range("dual_clip", dual_clip, 1.0, None, low_open=True, allow_none=True)
+    _check_agg(agg, logprobs.dim())
+    dtypes = tuple(t.dtype for t in named.values())
+    _, fn = resolve("ppo_policy_loss", backend, logprobs.device, dtypes)
+    return fn(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, agg)
+
+
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip: float | None = 0.2,
+    agg: str = "token-mean",
+    backend: str = "auto",
+):
+    """Clipped value loss (PPO, as in TRL and verl).
+
+    ::
+
+        v_clip = old_values + clamp(values - old_values, -clip, clip)
+        loss   = 0.5 * agg(max((values - R)^2, (v_clip - R)^2))
+
+    ``clip=None`` turns clipping off (loss = 0.5 * agg((values - R)^2)).  ``agg`` as in
+    :func:`ppo_policy_loss`.
+
+    Args:
+        values: ``[B, T]`` float, current value predictions (carries the gradient).
+        old_values: ``[B, T]`` float, values at rollout time.
+        returns: ``[B, T]`` float, GAE returns.
+        mask: ``[B, T]`` bool or 0/1.
+
+    Returns: ``(loss, stats)``; stats has ``clipfrac`` (fraction of valid tokens where the clipped
+    term is the larger), a detached float32 scalar.
+    """
+    named = {"values": values, "old_values": old_values, "returns": returns}
+    for name, t in named.items():
+        V.check_float(name, t)
+    if values.dim() < 1:
+        raise ValueError("values must have at least one dimension ([B, T] expected), got a 0-d tensor")
+    V.check_shape("old_values", old_values, values.shape, "values")
+    V.check_shape("returns", returns, values.shape, "values")
+    mask = V.check_mask("mask", mask, values.shape, "values")
+    V.check_same_device({**named, "mask": mask})
+    clip = V.check_range("clip", clip, 0.0, None, allow_none=True)
+    _check_agg(agg, values.dim())
+    dtypes = tuple(t.dtype for t in named.values())
+    _, fn = resolve("ppo_value_loss", backend, values.device, dtypes)
+    return fn(values, old_values, returns, mask, clip, agg)
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    backend: str = "auto",
+):
+    """Per-pair DPO loss (Rafailov et al., 2023) and its IPO, hinge and robust variants.
+
+    With h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)::
+
+        sigmoid: -(1 - ls) * logsigmoid(beta h) - ls * logsigmoid(-beta h)
+        ipo:     (h - 1 / (2 beta))^2
+        hinge:   relu(1 - beta h)
+        robust:  (-(1 - ls) * logsigmoid(beta h) + ls * logsigmoid(-beta h)) / (1 - 2 ls)
+
+    Args:
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected: ``[B]`` float, summed sequence
+            log-probs of the completions (e.g. ``token_logprobs(...).sum(-1)``).
+        beta: > 0, the strength of the implicit KL constraint.
+        loss_type: ``"sigmoid" | "ipo" | "hinge" | "robust"``.
+        label_smoothing: in [0, 0.5), the assumed rate of flipped preference labels (cDPO).
+
+    Returns: ``(losses [B], chosen_rewards [B], rejected_rewards [B])`` float32; the rewards
+    ``beta * (policy - ref)`` are detached, as TRL logs them.  Take ``losses.mean()`` to train.
+    """
+    named = {
+        "policy_chosen": policy_chosen,
+        "policy_rejected": policy_rejected,
+        "ref_chosen": ref_chosen,
+        "ref_rejected": ref_rejected,
+    }
+    for name, t in named.items():
+        V.check_float(name, t)
+    if policy_chosen.dim() != 1:
+        raise ValueError(
+            f"policy_chosen must be a 1-D [B] tensor of summed log-probs, got shape {tuple(policy_chosen.shape)}"
+        )
+    for name in ("policy_rejected", "ref_chosen", "ref_rejected"):
+        V.check_shape(name, named[name], policy_chosen.shape, "policy_chosen")
+    V.check_same_device(named)
+    beta = V.check_range("beta", beta, 0.0, None, low_open=True)
+    V.check_choice("loss_type", loss_type, LOSS_TYPES)
+    label_smoothing = V.check_range("label_smoothing", label_smoothing, 0.0, 0.5, high_open=True)
+    dtypes = tuple(t.dtype for t in named.values())
+    _, fn = resolve("dpo_loss", backend, policy_chosen.device, dtypes)
+    return fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type, label_smoothing)
+
+
+def _check_composite_backend(backend: str, device: torch.device) -> None:
+    # masked_mean / masked_whiten are a handful of PyTorch reductions on every backend; the
+    # backend argument is accepted for a uniform API and validated, and computed the same way.
+    from ._dispatch import _check_backend_name
+
+    _check_backend_name(backend)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None, *, backend: str = "auto") -> torch.Tensor:
+    """Mean of ``x`` over the entries where ``mask`` is true (optionally along ``dim``).
+
+    Masked entries are never read (NaN there does not leak); where no entry is valid the result
+    is 0, not NaN.
+    """
+    V.check_tensor("x", x)
+    mask = V.check_mask("mask", mask, x.shape, "x")
+    V.check_same_device({"x": x, "mask": mask})
+    if dim is not None and not isinstance(dim, (int, tuple, list)):
+        raise TypeError(f"dim must be None, an int or a tuple of ints, got {type(dim).__name__}")
+    _check_composite_backend(backend, x.device)
+    if not (x.is_floating_point() or x.is_complex()):
+        x = x.float()
+    return _masked.masked_mean(x, mask, dim)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, *, backend: str = "auto"):
+    """Whiten ``x`` with the mean and unbiased variance of its valid entries (as TRL/verl).
+
+    ``(x - mean) / sqrt(var + 1e-8)``; with ``shift_mean=False`` the mean is added back.  Masked
+    entries of the result are 0 and their input values are never read.
+    """
+    V.check_float("x", x)
+    mask = V.check_mask("mask", mask, x.shape, "x")
+    V.check_same_device({"x": x, "mask": mask})
+    if not isinstance(shift_mean, bool):
+        raise TypeError(f"shift_mean must be a bool, got {type(shift_mean).__name__}")
+    _check_composite_backend(backend, x.device)
+    return _masked.masked_whiten(x, mask, shift_mean)

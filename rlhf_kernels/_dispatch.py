@@ -1,0 +1,235 @@
+"""Backend registry and dispatch.
+
+Each backend states, as data, what it can run: whether it is available on this machine at all
+(``unavailable_reason``) and whether it supports one call's inputs (``unsupported_reason``: device,
+dtype, missing op).  ``"auto"`` walks a per-device preference list and takes the first backend that
+qualifies, falling back to the reference; an explicit backend that cannot run raises
+:class:`BackendUnavailableError` listing why.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+OPS = ("token_logprobs", "kl_penalty", "gae", "ppo_policy_loss", "ppo_value_loss", "dpo_loss")
+BACKEND_NAMES = ("reference", "triton", "cuda", "cpu")
+_ENV_VAR = "RLHF_KERNELS_BACKEND"
+
+# Order in which "auto" tries backends, per device type.  On CUDA the Triton kernels are tried
+# first; the CUDA C++ kernels next.  On CPU tensors the native C++ kernels are preferred and Triton
+# (only runnable there through its interpreter) is never picked automatically.
+AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
+    "cuda": {op: ("triton", "cuda", "reference") for op in OPS},
+    "cpu": {op: ("cpu", "reference") for op in OPS},
+}
+_DEFAULT_ORDER = ("reference",)
+
+
+class BackendUnavailableError(RuntimeError, ValueError):
+    """An explicitly requested backend cannot run this call; the message says why."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    description: str
+    # Returns None when the backend can run on this machine, else the reason it cannot.
+    unavailable_reason: Callable[[], str | None]
+    # Returns {op_name: implementation} for the ops this backend has.
+    load_ops: Callable[[], dict]
+    # Device types and dtypes the implementations accept.
+    device_types: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    # Extra per-call condition (device, op) -> reason or None.
+    extra_check: Callable[[torch.device, str], str | None] | None = None
+
+    def ops(self) -> dict:
+        if self.unavailable_reason() is not None:
+            return {}
+        return _cached_ops(self.name)
+
+    def unsupported_reason(self, op: str, device: torch.device, dtypes) -> str | None:
+        reason = self.unavailable_reason()
+        if reason is not None:
+            return reason
+        if op not in self.ops():
+            return f"the {self.name} backend has no implementation of {op}"
+        if device.type not in self.device_types:
+            return f"the {self.name} backend runs on {'/'.join(self.device_types)} tensors, not {device.type}"
+        for dt in dtypes:
+            if dt not in self.dtypes:
+                names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+                return f"the {self.name} backend supports {names} inputs, not {str(dt).replace('torch.', '')}"
+        if self.extra_check is not None:
+            return self.extra_check(device, op)
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_ops(name: str) -> dict:
+    return dict(_REGISTRY[name].load_ops())
+
+
+# ---------------------------------------------------------------------------------------------
+# The four backends
+
+
+def _reference_ops():
+    from . import reference
+
+    return {op: getattr(reference, op) for op in OPS}
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_unavailable() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return f"triton cannot be imported ({type(exc).__name__}: {exc})"
+    try:
+        importlib.import_module("rlhf_kernels.triton")
+    except Exception as exc:
+        return f"rlhf_kernels.triton failed to import ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _triton_ops():
+    mod = importlib.import_module("rlhf_kernels.triton")
+    return getattr(mod, "OPS", {})
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_device_check(device: torch.device, op: str) -> str | None:
+    if device.type == "cpu" and not _triton_interpreting():
+        return "the triton backend runs on CPU tensors only under TRITON_INTERPRET=1 (the interpreter)"
+    return None
+
+
+def _extension_unavailable(device_type: str) -> str | None:
+    from . import _extension
+
+    return _extension.unavailable_reason(device_type)
+
+
+def _extension_ops(device_type: str):
+    from . import _extension
+
+    return _extension.ops(device_type)
+
+
+_LOW_AND_FP32 = (torch.float32, torch.bfloat16, torch.float16)
+_ALL_FLOATS = _LOW_AND_FP32 + (torch.float64,)
+
+_REGISTRY: dict[str, Backend] = {
+    "reference": Backend(
+        name="reference",
+        description="eager PyTorch, fp32 math; the definition of every op",
+        unavailable_reason=lambda: None,
+        load_ops=_reference_ops,
+        device_types=("cpu", "cuda", "mps", "xpu", "meta"),
+        dtypes=_ALL_FLOATS,
+    ),
+    "triton": Backend(
+        name="triton",
+        description="Triton kernels (CUDA tensors; CPU tensors under TRITON_INTERPRET=1)",
+        unavailable_reason=_triton_unavailable,
+        load_ops=_triton_ops,
+        device_types=("cuda", "cpu"),
+        dtypes=_LOW_AND_FP32,
+        extra_check=_triton_device_check,
+    ),
+    "cuda": Backend(
+        name="cuda",
+        description="CUDA C++ kernels from csrc/cuda through the PyTorch dispatcher",
+        unavailable_reason=lambda: _extension_unavailable("cuda"),
+        load_ops=lambda: _extension_ops("cuda"),
+        device_types=("cuda",),
+        dtypes=_LOW_AND_FP32,
+    ),
+    "cpu": Backend(
+        name="cpu",
+        description="C++ CPU kernels from csrc/cpu through the PyTorch dispatcher",
+        unavailable_reason=lambda: _extension_unavailable("cpu"),
+        load_ops=lambda: _extension_ops("cpu"),
+        device_types=("cpu",),
+        dtypes=_LOW_AND_FP32,
+    ),
+}
+
+
+def get_backend(name: str) -> Backend:
+    return _REGISTRY[name]
+
+
+def backends() -> dict[str, Backend]:
+    return dict(_REGISTRY)
+
+
+def _check_backend_name(backend) -> str:
+    choices = ("auto",) + BACKEND_NAMES
+    if not isinstance(backend, str) or backend not in choices:
+        raise ValueError(f"backend must be one of {', '.join(repr(c) for c in choices)}; got {backend!r}")
+    return backend
+
+
+def resolve(op: str, backend: str, device: torch.device, dtypes) -> tuple[str, Callable]:
+    """Pick the implementation of ``op`` for one call; returns (backend name, function)."""
+    _check_backend_name(backend)
+    source = "backend argument"
+    if backend == "auto":
+        env = os.environ.get(_ENV_VAR, "").strip()
+        if env and env != "auto":
+            if env not in BACKEND_NAMES:
+                raise ValueError(
+                    f"environment variable {_ENV_VAR} must be one of 'auto', "
+                    f"{', '.join(repr(c) for c in BACKEND_NAMES)}; got {env!r}"
+                )
+            backend, source = env, f"environment variable {_ENV_VAR}"
+    if backend != "auto":
+        impl = _REGISTRY[backend]
+        reason = impl.unsupported_reason(op, device, dtypes)
+        if reason is not None:
+            raise BackendUnavailableError(
+                f"backend {backend!r} (from the {source}) cannot run {op} here: {reason}"
+            )
+        return backend, impl.ops()[op]
+    order = AUTO_ORDER.get(device.type, {}).get(op, _DEFAULT_ORDER)
+    for name in order:
+        impl = _REGISTRY[name]
+        if impl.unsupported_reason(op, device, dtypes) is None:
+            return name, impl.ops()[op]
+        if name in ("cpu", "cuda"):
+            _warn_extension_once(name)
+    ref = _REGISTRY["reference"]
+    return "reference", ref.ops()[op]
+
+
+_warned: set = set()
+
+
+def _warn_extension_once(name: str) -> None:
+    reason = _REGISTRY[name].unavailable_reason()
+    if reason is None or name in _warned:
+        return
+    _warned.add(name)
+    warnings.warn(
+        f"rlhf_kernels: the {name} backend is not available ({reason}); using the next backend. "
+        "Run `python -m rlhf_kernels` for details.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def explain(op: str, device: torch.device, dtypes=(torch.float32,)) -> dict[str, str | None]:
+    """For each backend, None if it could run ``op`` for these inputs, else the reason why not."""
+    return {name: b.unsupported_reason(op, device, dtypes) for name, b in _REGISTRY.items()}

@@ -2,9 +2,8 @@
 // parallel (at::parallel_for).  Extra memory is O(N): the per-row lse and entropy; backward re-reads
 // the logits instead of saving an [N, V] softmax.
 //
-// The row loops work on fp32 chunks that stay in L1.  exp is a branch-free polynomial (below) so
-// the compiler vectorizes the inner loops with the baseline ISA; lane-wise accumulators let it do
-// so without -ffast-math.
+// The row loops work on fp32 chunks that stay in L1, with a branch-free polynomial exp on 8-lane
+// vectors (GCC/Clang vector extensions, so no per-ISA copies or -ffast-math are needed).
 #include "../ops/ops.h"
 #include "rlhf_kernels/math.h"
 
@@ -25,7 +24,6 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kChunk = 1024;  // fp32 elements per chunk: 4 KB, L1 resident
-constexpr int kLanes = 16;
 
 // exp(x) for x <= 0 (all our arguments are shifted by the row max), 0 below -87.3.
 // exp(x) = 2^n exp(r), n = round(x / ln 2), r = x - n ln 2 split in two parts (Cody-Waite),
@@ -54,108 +52,251 @@ inline void load_chunk(const T* x, int64_t n, float inv_t, float* buf) {
   for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(x[i]) * inv_t;
 }
 
-inline float chunk_max(const float* buf, int64_t n) {
-  float lanes[kLanes];
-  for (int j = 0; j < kLanes; ++j) lanes[j] = -INFINITY;
+// Portable SIMD through GCC/Clang vector extensions, templated on the vector type: 4 fp32 lanes
+// (SSE2 on baseline x86-64, NEON on aarch64) and, on x86-64, an 8-lane copy of the row loops compiled
+// for AVX2+FMA and picked at run time.  Two ISA copies only; no -ffast-math.  Other compilers take
+// the scalar loops.
+#if defined(__GNUC__) || defined(__clang__)
+#define RK_VEC 1
+#define RK_INLINE inline __attribute__((always_inline))
+typedef float vf4 __attribute__((vector_size(16)));
+#if defined(__x86_64__)
+#define RK_AVX2 1
+typedef float vf8 __attribute__((vector_size(32)));
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"  // the 8-lane helpers are always inlined: no ABI boundary
+#endif
+#endif
+
+template <typename VF>
+constexpr int64_t lanes() { return sizeof(VF) / sizeof(float); }
+template <typename VF>
+RK_INLINE VF vbroadcast(float x) { return VF{} + x; }
+template <typename VF>
+RK_INLINE VF vload(const float* p) {
+  VF v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename VF>
+RK_INLINE void vstore(float* p, VF v) { std::memcpy(p, &v, sizeof(v)); }
+template <typename VF>
+RK_INLINE VF vmax(VF a, VF b) { return a > b ? a : b; }
+
+// exp_nonpos on a vector (same polynomial and constants).
+template <typename VF>
+RK_INLINE VF vexp_nonpos(VF x) {
+  using VI = decltype(x < x);
+  const VF lo = vbroadcast<VF>(-87.3f);
+  const VF xc = x < lo ? lo : x;
+  const VF magic = vbroadcast<VF>(12582912.0f);
+  const VF n = (xc * 1.44269504088896341f + magic) - magic;
+  const VF r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  VF p = vbroadcast<VF>(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
+  VF scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < lo ? vbroadcast<VF>(0.0f) : p * scale;
+}
+
+template <typename VF>
+RK_INLINE float hsum(VF v) {
+  float a[lanes<VF>()];
+  std::memcpy(a, &v, sizeof(a));
+  float s = 0.0f;
+  for (int j = 0; j < lanes<VF>(); ++j) s += a[j];
+  return s;
+}
+template <typename VF>
+RK_INLINE float hmax(VF v) {
+  float a[lanes<VF>()];
+  std::memcpy(a, &v, sizeof(a));
+  float m = a[0];
+  for (int j = 1; j < lanes<VF>(); ++j) m = std::max(m, a[j]);
+  return m;
+}
+#else
+#define RK_INLINE inline
+struct vf4 {};
+#endif
+
+template <typename VF>
+RK_INLINE float chunk_max(const float* buf, int64_t n) {
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) lanes[j] = lanes[j] > buf[i + j] ? lanes[j] : buf[i + j];
   float m = -INFINITY;
-  for (int j = 0; j < kLanes; ++j) m = std::max(m, lanes[j]);
+#ifdef RK_VEC
+  constexpr int64_t W = lanes<VF>();
+  VF vm = vbroadcast<VF>(-INFINITY);
+  for (; i + W <= n; i += W) vm = vmax(vm, vload<VF>(buf + i));
+  m = hmax(vm);
+#endif
   for (; i < n; ++i) m = std::max(m, buf[i]);
   return m;
 }
 
-// Adds sum exp(z - m) and sum exp(z - m)(z - m) of a chunk to s and u (m finite).
-inline void chunk_sums(const float* buf, int64_t n, float m, bool with_entropy, float& s, float& u) {
-  float ls[kLanes] = {0}, lu[kLanes] = {0};
+// Adds sum exp(z - m) and sum exp(z - m)(z - m) of a chunk to s and u (m finite).  -inf entries
+// give e = 0 and, with d clamped to -88, e * d = 0 rather than NaN.
+template <typename VF>
+RK_INLINE void chunk_sums(const float* buf, int64_t n, float m, bool with_entropy, float& s, float& u) {
   int64_t i = 0;
-  if (with_entropy) {
-    for (; i + kLanes <= n; i += kLanes)
-      for (int j = 0; j < kLanes; ++j) {
-        const float d = std::max(buf[i + j] - m, -88.0f);  // -inf entries: e = 0, e * d = 0
-        const float e = exp_nonpos(buf[i + j] - m);
-        ls[j] += e;
-        lu[j] += e * d;
-      }
-  } else {
-    for (; i + kLanes <= n; i += kLanes)
-      for (int j = 0; j < kLanes; ++j) ls[j] += exp_nonpos(buf[i + j] - m);
-  }
-  for (; i < n; ++i) {
-    const float d = std::max(buf[i] - m, -88.0f);
-    const float e = exp_nonpos(buf[i] - m);
-    ls[0] += e;
-    lu[0] += e * d;
-  }
   float cs = 0.0f, cu = 0.0f;
-  for (int j = 0; j < kLanes; ++j) {
-    cs += ls[j];
-    cu += lu[j];
+#ifdef RK_VEC
+  constexpr int64_t W = lanes<VF>();
+  const VF vm = vbroadcast<VF>(m), floor88 = vbroadcast<VF>(-88.0f);
+  VF vs0 = vbroadcast<VF>(0.0f), vs1 = vs0, vu0 = vs0, vu1 = vs0;  // two chains hide latency
+  if (with_entropy) {
+    for (; i + 2 * W <= n; i += 2 * W) {
+      const VF d0 = vload<VF>(buf + i) - vm, d1 = vload<VF>(buf + i + W) - vm;
+      const VF e0 = vexp_nonpos(d0), e1 = vexp_nonpos(d1);
+      vs0 += e0;
+      vs1 += e1;
+      vu0 += e0 * vmax(d0, floor88);
+      vu1 += e1 * vmax(d1, floor88);
+    }
+  } else {
+    for (; i + 2 * W <= n; i += 2 * W) {
+      vs0 += vexp_nonpos(vload<VF>(buf + i) - vm);
+      vs1 += vexp_nonpos(vload<VF>(buf + i + W) - vm);
+    }
+  }
+  cs = hsum(vs0 + vs1);
+  cu = hsum(vu0 + vu1);
+#endif
+  for (; i < n; ++i) {
+    const float d = buf[i] - m;
+    const float e = exp_nonpos(d);
+    cs += e;
+    cu += e * std::max(d, -88.0f);
   }
   s += cs;
-  u += cu;
+  u += with_entropy ? cu : 0.0f;
 }
 
-template <typename T>
-void forward_rows(const T* logits, int64_t row_stride, int64_t n_rows, int64_t vocab, const int64_t* labels,
-                  float inv_t, int64_t ignore_index, bool with_entropy, float* out_lp, float* out_lse,
-                  float* out_ent) {
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(vocab, 1));
-  at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
-    float buf[kChunk];
-    for (int64_t row = begin; row < end; ++row) {
-      const T* x = logits + row * row_stride;
-      LseState st = lse_init();
-      for (int64_t c0 = 0; c0 < vocab; c0 += kChunk) {
-        const int64_t n = std::min(kChunk, vocab - c0);
-        load_chunk(x + c0, n, inv_t, buf);
-        const float cm = chunk_max(buf, n);
-        if (cm > st.m) lse_rescale(st, cm);
-        if (st.m == -INFINITY) continue;
-        chunk_sums(buf, n, st.m, with_entropy, st.s, st.u);
-      }
-      const float lse = lse_value(st);
-      const int64_t label = labels[row];
-      const bool valid = label != ignore_index;
-      out_lse[row] = lse;
-      out_lp[row] = valid ? static_cast<float>(x[label]) * inv_t - lse : 0.0f;
-      out_ent[row] = (valid && with_entropy) ? lse_entropy(st) : 0.0f;
-    }
-  });
+// g[i] = -p (gl + ge (log p + H)) * inv_t over a chunk of scaled logits z (in place).
+template <typename VF>
+RK_INLINE void chunk_grad(float* z, int64_t n, float lse, float gl, float ge, float h, float inv_t) {
+  int64_t i = 0;
+#ifdef RK_VEC
+  constexpr int64_t W = lanes<VF>();
+  const VF vl = vbroadcast<VF>(lse), zero = vbroadcast<VF>(0.0f), floor88 = vbroadcast<VF>(-88.0f);
+  for (; i + W <= n; i += W) {
+    VF logp = vload<VF>(z + i) - vl;
+    logp = logp > zero ? zero : logp;
+    const VF p = vexp_nonpos(logp);
+    vstore(z + i, -p * (gl + ge * (vmax(logp, floor88) + h)) * inv_t);
+  }
+#endif
+  for (; i < n; ++i) {
+    const float logp = std::min(z[i] - lse, 0.0f);
+    const float p = exp_nonpos(logp);
+    z[i] = -p * (gl + ge * (std::max(logp, -88.0f) + h)) * inv_t;
+  }
 }
 
+// Arguments of the row loops: pointers, shapes and strides, constants.
 template <typename T>
-void backward_rows(const T* logits, int64_t row_stride, int64_t n_rows, int64_t vocab, const int64_t* labels,
-                   const float* lse, const float* ent, const float* g_lp, const float* g_ent, float inv_t,
-                   int64_t ignore_index, T* grad) {
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(vocab, 1));
-  at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const T* x = logits + row * row_stride;
-      T* g = grad + row * vocab;
-      const int64_t label = labels[row];
-      if (label == ignore_index) {
-        std::fill(g, g + vocab, static_cast<T>(0.0f));
-        continue;
-      }
-      const float l = lse[row];
-      const float gl = g_lp ? g_lp[row] : 0.0f;
-      const float ge = g_ent ? g_ent[row] : 0.0f;
-      const float h = g_ent ? ent[row] : 0.0f;
-      // d/dz (gl * logprob + ge * H) = gl (onehot - p) - ge p (log p + H); times 1 / temperature.
-      for (int64_t i = 0; i < vocab; ++i) {
-        const float logp = static_cast<float>(x[i]) * inv_t - l;
-        const float p = exp_nonpos(std::min(logp, 0.0f));
-        const float logp_c = std::max(logp, -88.0f);  // p == 0 there: no NaN from -inf
-        g[i] = static_cast<T>(-p * (gl + ge * (logp_c + h)) * inv_t);
-      }
-      // The label column in fp32 (not from the rounded g[label]): p -> 1 cancels in bf16.
-      const float logp = static_cast<float>(x[label]) * inv_t - l;
-      const float p = exp_nonpos(std::min(logp, 0.0f));
-      g[label] = static_cast<T>((gl - p * (gl + ge * (std::max(logp, -88.0f) + h))) * inv_t);
+struct RowArgs {
+  const T* logits;        // [N, V], row stride row_stride, unit column stride
+  const int64_t* labels;  // [N]
+  float* lp;              // forward outputs [N]
+  float* lse;             // [N] (backward: input)
+  float* ent;             // [N] (backward: input)
+  const float* g_lp;      // backward: upstream gradients [N] (g_ent may be null)
+  const float* g_ent;
+  T* grad;                // backward output [N, V], contiguous
+  int64_t row_stride, vocab;
+  float inv_t;
+  int64_t ignore_index;
+  bool with_entropy;
+};
+
+template <typename T, typename VF>
+RK_INLINE void forward_range(const RowArgs<T>& a, int64_t begin, int64_t end) {
+  float buf[kChunk];
+  for (int64_t row = begin; row < end; ++row) {
+    const T* x = a.logits + row * a.row_stride;
+    LseState st = lse_init();
+    for (int64_t c0 = 0; c0 < a.vocab; c0 += kChunk) {
+      const int64_t n = std::min(kChunk, a.vocab - c0);
+      load_chunk(x + c0, n, a.inv_t, buf);
+      const float cm = chunk_max<VF>(buf, n);
+      if (cm > st.m) lse_rescale(st, cm);
+      if (st.m == -INFINITY) continue;
+      chunk_sums<VF>(buf, n, st.m, a.with_entropy, st.s, st.u);
     }
-  });
+    const float lse = lse_value(st);
+    const int64_t label = a.labels[row];
+    const bool valid = label != a.ignore_index;
+    a.lse[row] = lse;
+    a.lp[row] = valid ? static_cast<float>(x[label]) * a.inv_t - lse : 0.0f;
+    a.ent[row] = (valid && a.with_entropy) ? lse_entropy(st) : 0.0f;
+  }
+}
+
+template <typename T, typename VF>
+RK_INLINE void backward_range(const RowArgs<T>& a, int64_t begin, int64_t end) {
+  float buf[kChunk];
+  for (int64_t row = begin; row < end; ++row) {
+    const T* x = a.logits + row * a.row_stride;
+    T* g = a.grad + row * a.vocab;
+    const int64_t label = a.labels[row];
+    if (label == a.ignore_index) {
+      std::fill(g, g + a.vocab, static_cast<T>(0.0f));
+      continue;
+    }
+    const float l = a.lse[row];
+    const float gl = a.g_lp[row];
+    const float ge = a.g_ent ? a.g_ent[row] : 0.0f;
+    const float h = a.g_ent ? a.ent[row] : 0.0f;
+    // d/dz (gl * logprob + ge * H) = gl (onehot - p) - ge p (log p + H); times 1 / temperature.
+    for (int64_t c0 = 0; c0 < a.vocab; c0 += kChunk) {
+      const int64_t n = std::min(kChunk, a.vocab - c0);
+      load_chunk(x + c0, n, a.inv_t, buf);
+      chunk_grad<VF>(buf, n, l, gl, ge, h, a.inv_t);
+      for (int64_t i = 0; i < n; ++i) g[c0 + i] = static_cast<T>(buf[i]);
+    }
+    // The label column in fp32 (not from the rounded g[label]): p -> 1 cancels in bf16.
+    const float logp = std::min(static_cast<float>(x[label]) * a.inv_t - l, 0.0f);
+    const float p = exp_nonpos(logp);
+    g[label] = static_cast<T>((gl - p * (gl + ge * (std::max(logp, -88.0f) + h))) * a.inv_t);
+  }
+}
+
+// The two ISA copies of the row loops.
+template <typename T>
+void forward_base(const RowArgs<T>& a, int64_t b, int64_t e) { forward_range<T, vf4>(a, b, e); }
+template <typename T>
+void backward_base(const RowArgs<T>& a, int64_t b, int64_t e) { backward_range<T, vf4>(a, b, e); }
+#ifdef RK_AVX2
+template <typename T>
+__attribute__((target("avx2,fma"))) void forward_avx2(const RowArgs<T>& a, int64_t b, int64_t e) {
+  forward_range<T, vf8>(a, b, e);
+}
+template <typename T>
+__attribute__((target("avx2,fma"))) void backward_avx2(const RowArgs<T>& a, int64_t b, int64_t e) {
+  backward_range<T, vf8>(a, b, e);
+}
+bool has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+#endif
+
+template <typename T>
+void run_rows(const RowArgs<T>& a, int64_t n_rows, bool backward) {
+  using Fn = void (*)(const RowArgs<T>&, int64_t, int64_t);
+  Fn fn = backward ? &backward_base<T> : &forward_base<T>;
+#ifdef RK_AVX2
+  if (has_avx2()) fn = backward ? &backward_avx2<T> : &forward_avx2<T>;
+#endif
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(a.vocab, 1));
+  at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) { fn(a, begin, end); });
 }
 
 void check_logits(const Tensor& logits, const Tensor& labels) {
@@ -177,9 +318,10 @@ Tensor3 token_logprobs_fwd(const Tensor& logits_in, const Tensor& labels_in, dou
   if (n == 0) return {lp, lse, ent};
   const float inv_t = static_cast<float>(1.0 / temperature);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_logprobs_fwd", [&] {
-    forward_rows<scalar_t>(logits.data_ptr<scalar_t>(), logits.stride(0), n, vocab, labels.data_ptr<int64_t>(),
-                           inv_t, ignore_index, with_entropy, lp.data_ptr<float>(), lse.data_ptr<float>(),
-                           ent.data_ptr<float>());
+    RowArgs<scalar_t> a{logits.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), lp.data_ptr<float>(),
+                        lse.data_ptr<float>(), ent.data_ptr<float>(), nullptr, nullptr, nullptr,
+                        logits.stride(0), vocab, inv_t, ignore_index, with_entropy};
+    run_rows(a, n, /*backward=*/false);
   });
   return {lp, lse, ent};
 }
@@ -199,10 +341,11 @@ Tensor token_logprobs_bwd(const Tensor& grad_logprobs, const std::optional<Tenso
   const Tensor lse_c = lse.contiguous(), ent_c = entropy.contiguous();
   const float inv_t = static_cast<float>(1.0 / temperature);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_logprobs_bwd", [&] {
-    backward_rows<scalar_t>(logits.data_ptr<scalar_t>(), logits.stride(0), n, vocab, labels.data_ptr<int64_t>(),
-                            lse_c.data_ptr<float>(), ent_c.data_ptr<float>(), g_lp.data_ptr<float>(),
-                            g_ent.defined() ? g_ent.data_ptr<float>() : nullptr, inv_t, ignore_index,
-                            grad.data_ptr<scalar_t>());
+    RowArgs<scalar_t> a{logits.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), nullptr,
+                        const_cast<float*>(lse_c.data_ptr<float>()), const_cast<float*>(ent_c.data_ptr<float>()),
+                        g_lp.data_ptr<float>(), g_ent.defined() ? g_ent.data_ptr<float>() : nullptr,
+                        grad.data_ptr<scalar_t>(), logits.stride(0), vocab, inv_t, ignore_index, false};
+    run_rows(a, n, /*backward=*/true);
   });
   return grad;
 }

@@ -299,17 +299,24 @@ void run_rows(const RowArgs<T>& a, int64_t n_rows, bool backward) {
   at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) { fn(a, begin, end); });
 }
 
-void check_logits(const Tensor& logits, const Tensor& labels) {
+void check_logits(const Tensor& logits, const Tensor& labels, int64_t ignore_index) {
   TORCH_CHECK(logits.dim() == 2, "rlhf_kernels::token_logprobs: logits must be [N, V], got ", logits.sizes());
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0) && labels.scalar_type() == at::kLong,
               "rlhf_kernels::token_logprobs: labels must be int64 [N]");
+  // The public API validates labels; the op checks again (O(N)) since it indexes with them.
+  const Tensor l = labels.contiguous();
+  const int64_t* p = l.data_ptr<int64_t>();
+  const int64_t vocab = logits.size(1);
+  for (int64_t i = 0; i < l.numel(); ++i)
+    TORCH_CHECK(p[i] == ignore_index || (p[i] >= 0 && p[i] < vocab), "rlhf_kernels::token_logprobs: label ", p[i],
+                " at row ", i, " is outside [0, ", vocab, ") and is not ignore_index=", ignore_index);
 }
 
 }  // namespace
 
 Tensor3 token_logprobs_fwd(const Tensor& logits_in, const Tensor& labels_in, double temperature,
                            int64_t ignore_index, bool with_entropy) {
-  check_logits(logits_in, labels_in);
+  check_logits(logits_in, labels_in, ignore_index);
   const Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
   const Tensor labels = labels_in.contiguous();
   const int64_t n = logits.size(0), vocab = logits.size(1);
@@ -329,7 +336,7 @@ Tensor3 token_logprobs_fwd(const Tensor& logits_in, const Tensor& labels_in, dou
 Tensor token_logprobs_bwd(const Tensor& grad_logprobs, const std::optional<Tensor>& grad_entropy,
                           const Tensor& logits_in, const Tensor& labels_in, const Tensor& lse,
                           const Tensor& entropy, double temperature, int64_t ignore_index) {
-  check_logits(logits_in, labels_in);
+  check_logits(logits_in, labels_in, ignore_index);
   const Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
   const Tensor labels = labels_in.contiguous();
   const int64_t n = logits.size(0), vocab = logits.size(1);

@@ -77,8 +77,9 @@ __global__ void __launch_bounds__(kThreads) token_logprobs_fwd_kernel(
     const float lse = lse_value(st);
     const int64_t label = labels[row];
     const bool valid = label != ignore_index;
+    const bool in_range = label >= 0 && label < vocab;  // out of range: NaN, never an OOB read
     out_lse[row] = lse;
-    out_lp[row] = valid ? to_f32(x[label]) * inv_t - lse : 0.0f;
+    out_lp[row] = !valid ? 0.0f : (in_range ? to_f32(x[label]) * inv_t - lse : NAN);
     out_ent[row] = (valid && with_entropy) ? lse_entropy(st) : 0.0f;
   }
 }

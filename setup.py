@@ -60,7 +60,7 @@ def _extension_setup():
     ext_cls = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
     extra = {"cxx": cfg.cxx_flags(torch.__version__, cuda_version)}
     if with_cuda:
-        extra["nvcc"] = cfg.nvcc_flags() + cfg.cxx_flags(torch.__version__, cuda_version)[1:]
+        extra["nvcc"] = cfg.nvcc_flags() + cfg.defines(torch.__version__, cuda_version)
     ext = ext_cls(
         name=f"rlhf_kernels.{cfg.EXTENSION_NAME}",
         sources=sources,

@@ -17,7 +17,7 @@ pids=()
 for cu in csrc/cuda/*.cu; do
   for arch in $ARCHS; do
     name=$(basename "$cu" .cu)_sm$arch
-    ( "$NVCC" -c -std=c++17 -O3 -Icsrc/include -gencode="arch=compute_$arch,code=sm_$arch" \
+    ( "$NVCC" -c -std=c++20 -O3 -Icsrc/include -gencode="arch=compute_$arch,code=sm_$arch" \
         -Xptxas -v -Werror all-warnings "$cu" -o "$OUT/$name.o" >"$OUT/$name.log" 2>&1 \
       && echo ok >"$OUT/$name.status" || echo fail >"$OUT/$name.status" ) &
     pids+=($!)

@@ -31,9 +31,18 @@ def cuda_archs() -> list[str]:
 
 
 def cxx_flags(torch_version: str, cuda_version: str | None) -> list[str]:
-    flags = ["-O3", "-std=c++20", f'-DRLHF_KERNELS_TORCH_VERSION="{torch_version}"']
+    return ["-O3", "-std=c++20"] + defines(torch_version, cuda_version)
+
+
+def defines(torch_version: str, cuda_version: str | None) -> list[str]:
+    # Numbers only in macros: string macros need shell quoting that differs between setuptools'
+    # and torch.utils.cpp_extension.load's ninja files.
+    parts = (torch_version.split("+")[0].split(".") + ["0", "0", "0"])[:3]
+    nums = [int("".join(ch for ch in p if ch.isdigit()) or 0) for p in parts]
+    flags = [f"-DRLHF_KERNELS_TORCH_MAJOR={nums[0]}",
+             f"-DRLHF_KERNELS_TORCH_MINOR={nums[1]}", f"-DRLHF_KERNELS_TORCH_PATCH={nums[2]}"]
     if cuda_version:
-        flags += ["-DRLHF_KERNELS_WITH_CUDA", f'-DRLHF_KERNELS_CUDA_VERSION="{cuda_version}"']
+        flags.append("-DRLHF_KERNELS_WITH_CUDA")
     return flags
 
 

@@ -136,17 +136,19 @@ def _jit_build(state: _State) -> bool:
             sources=[os.path.join(_REPO_ROOT, s) for s in sources],
             extra_include_paths=[os.path.join(_REPO_ROOT, d) for d in cfg.INCLUDE_DIRS],
             extra_cflags=cfg.cxx_flags(torch.__version__, cuda_version),
-            extra_cuda_cflags=(cfg.nvcc_flags() + cfg.cxx_flags(torch.__version__, cuda_version)[1:]) if with_cuda else None,
+            extra_cuda_cflags=(cfg.nvcc_flags() + cfg.defines(torch.__version__, cuda_version)) if with_cuda else None,
             build_directory=build_dir,
             with_cuda=with_cuda,
             is_python_module=False,
             verbose=_verbose(),
         )
     except Exception as exc:
-        text = str(exc).strip().splitlines()
+        lines = str(exc).strip().splitlines()
+        # Quote the first compiler error, not only ninja's "subcommand failed".
+        first = next((ln.strip() for ln in lines if "error" in ln.lower() and "ninja" not in ln.lower()),
+                     lines[-1] if lines else "")
         hint = "" if _verbose() else " (set RLHF_KERNELS_VERBOSE=1 for the build log)"
-        state.attempts.append(f"just-in-time build in {build_dir} failed: {type(exc).__name__}: "
-                              f"{text[-1] if text else ''}{hint}")
+        state.attempts.append(f"just-in-time build in {build_dir} failed: {type(exc).__name__}: {first}{hint}")
         return False
     state.loaded, state.how, state.path = True, "just in time", path if isinstance(path, str) else build_dir
     try:

@@ -9,8 +9,8 @@
 #include <sstream>
 #include <string>
 
-#ifndef RLHF_KERNELS_TORCH_VERSION
-#define RLHF_KERNELS_TORCH_VERSION "unknown"
+#if defined(RLHF_KERNELS_WITH_CUDA)
+#include <cuda_runtime_api.h>  // CUDART_VERSION
 #endif
 
 namespace rlhf_kernels {
@@ -19,9 +19,13 @@ namespace {
 // What this binary was built for; the loader compares it with the running torch.
 std::string build_info() {
   std::ostringstream s;
-  s << "torch=" << RLHF_KERNELS_TORCH_VERSION;
+#if defined(RLHF_KERNELS_TORCH_MAJOR)
+  s << "torch=" << RLHF_KERNELS_TORCH_MAJOR << "." << RLHF_KERNELS_TORCH_MINOR << "." << RLHF_KERNELS_TORCH_PATCH;
+#else
+  s << "torch=unknown";
+#endif
 #if defined(RLHF_KERNELS_WITH_CUDA)
-  s << ";cuda=" << RLHF_KERNELS_CUDA_VERSION;
+  s << ";cuda=" << CUDART_VERSION / 1000 << "." << (CUDART_VERSION % 1000) / 10;
 #else
   s << ";cuda=none";
 #endif

@@ -145,8 +145,8 @@ def main():
     for row in rows:
         extra = ""
         if "extra_memory_ratio" in row:
-            extra = (f"  extra memory {row['cpu_extra_MB']:.3f} MB vs eager {row['baseline_extra_MB']:.1f} MB "
-                     f"({100 * row['extra_memory_ratio']:.3f}%)")
+            extra = (f"  extra memory {row['cpu_extra_MB'] * 1024:.1f} KB vs eager {row['baseline_extra_MB']:.1f} MB "
+                     f"({100 * row['extra_memory_ratio']:.4f}%)")
         print(f"{row['op']:<24} {row['shape']:<20} {row['baseline']}: {row['baseline_ms']:9.2f} ms   "
               f"cpu: {row['cpu_ms']:8.2f} ms   speedup {row['speedup']:6.1f}x{extra}")
     if args.json:

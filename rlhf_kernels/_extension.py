@@ -160,7 +160,7 @@ def _jit_build(state: _State) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _state() -> _State:
     with _lock:
         state = _State()

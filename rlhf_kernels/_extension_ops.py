@@ -137,7 +137,7 @@ def _register_autograd():
     reg(f"{_NS}::gae_fwd", gae_backward, setup_context=gae_setup)
 
     def policy_setup(ctx, inputs, output):
-        lp, old, adv, mask, clip_low, clip_high, dual_clip, agg = inputs
+        lp, old, adv, mask, clip_low, clip_high, dual_clip, _agg = inputs
         _, stats, row_weight = output
         ctx.mark_non_differentiable(stats, row_weight)
         ctx.save_for_backward(lp, old, adv, mask, row_weight)
@@ -151,7 +151,7 @@ def _register_autograd():
     reg(f"{_NS}::ppo_policy_loss_fwd", policy_backward, setup_context=policy_setup)
 
     def value_setup(ctx, inputs, output):
-        v, old, ret, mask, clip, agg = inputs
+        v, old, ret, mask, clip, _agg = inputs
         _, clipfrac, row_weight = output
         ctx.mark_non_differentiable(clipfrac, row_weight)
         ctx.save_for_backward(v, old, ret, mask, row_weight)

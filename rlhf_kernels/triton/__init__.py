@@ -1,3 +1,12 @@
-"""Triton backend: one module per op family.  ``OPS`` maps op name -> implementation."""
+"""Triton backend: one module per op family.  ``OPS`` maps op name -> implementation.
 
-OPS: dict = {}
+Every op is a ``torch.library`` custom op under the ``rlhf_kernels_triton`` namespace (forward and
+backward), with a fake implementation, so ``torch.compile(fullgraph=True)`` traces through it.
+Kernels run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``.
+"""
+
+from .logprobs import token_logprobs
+
+OPS: dict = {
+    "token_logprobs": token_logprobs,
+}

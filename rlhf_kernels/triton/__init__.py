@@ -5,8 +5,12 @@ backward), with a fake implementation, so ``torch.compile(fullgraph=True)`` trac
 Kernels run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``.
 """
 
+from .gae import gae
+from .kl import kl_penalty
 from .logprobs import token_logprobs
 
 OPS: dict = {
     "token_logprobs": token_logprobs,
+    "kl_penalty": kl_penalty,
+    "gae": gae,
 }

@@ -5,12 +5,17 @@ backward), with a fake implementation, so ``torch.compile(fullgraph=True)`` trac
 Kernels run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``.
 """
 
+from .dpo import dpo_loss
 from .gae import gae
 from .kl import kl_penalty
 from .logprobs import token_logprobs
+from .ppo import ppo_policy_loss, ppo_value_loss
 
 OPS: dict = {
     "token_logprobs": token_logprobs,
     "kl_penalty": kl_penalty,
     "gae": gae,
+    "ppo_policy_loss": ppo_policy_loss,
+    "ppo_value_loss": ppo_value_loss,
+    "dpo_loss": dpo_loss,
 }

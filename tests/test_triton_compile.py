@@ -135,7 +135,7 @@ def test_opcheck(case):
     require("triton", "token_logprobs")
     cases = _opcheck_cases()
     assert len(cases) == 14
-    name, op, args = cases[case]
+    _, op, args = cases[case]
     torch.library.opcheck(op, args)
 
 
@@ -298,7 +298,7 @@ def test_kernels_lower_to_sm90_cubin():
         pytest.skip(f"triton has no NVIDIA backend here: {exc}")
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1",
            "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env,
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], check=False, capture_output=True, text=True, env=env,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=600)
     out = proc.stdout + proc.stderr
     if proc.returncode != 0 and "ptxas" in out and ("not found" in out or "No such file" in out):

@@ -158,7 +158,7 @@ def _policy_bwd_kernel(
         lp = tl.load(lp_ptr + offs, mask=m, other=0.0).to(tl.float32)
         old = tl.load(old_ptr + offs, mask=m, other=0.0).to(tl.float32)
         adv = tl.load(adv_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        x, ratio, pg1, clipped_ratio, pg2, pg_max, pg, lower = _policy_terms(
+        x, ratio, pg1, clipped_ratio, pg2, pg_max, _pg, _lower = _policy_terms(
             lp, old, adv, clip_low, clip_high, dual_clip, HAS_DUAL)
         g_pg = tl.where(m, g_row, 0.0)
         g_adv = tl.zeros_like(g_pg)
@@ -235,7 +235,7 @@ def _value_bwd_kernel(
         v = tl.load(v_ptr + offs, mask=m, other=0.0).to(tl.float32)
         old = tl.load(old_ptr + offs, mask=m, other=0.0).to(tl.float32)
         ret = tl.load(ret_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        dv, l1, v_clip, l2, vf, clipped = _value_terms(v, old, ret, clip, HAS_CLIP)
+        dv, l1, v_clip, l2, _vf, _clipped = _value_terms(v, old, ret, clip, HAS_CLIP)
         g_vf = tl.where(m, g_row, 0.0)
         g1 = g_vf
         g2 = tl.zeros_like(g_vf)

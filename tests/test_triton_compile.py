@@ -304,3 +304,28 @@ def test_kernels_lower_to_sm90_cubin():
     if proc.returncode != 0 and "ptxas" in out and ("not found" in out or "No such file" in out):
         pytest.skip("no ptxas for the NVIDIA backend on this machine")
     assert proc.returncode == 0 and "AOT-OK" in proc.stdout, out[-4000:]
+
+
+def test_auto_picks_triton_for_cuda_tensors(monkeypatch):
+    """'auto' on CUDA tensors resolves to the Triton kernels (decided from data, no GPU needed)."""
+    require("triton", "token_logprobs")
+    from rlhf_kernels._dispatch import resolve
+    from rlhf_kernels.triton import OPS
+
+    monkeypatch.delenv("RLHF_KERNELS_BACKEND", raising=False)
+    for op in rk.OPS:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            name, fn = resolve(op, "auto", torch.device("cuda"), (dtype,))
+            assert name == "triton" and fn is OPS[op], f"{op}/{dtype}: auto picked {name}"
+
+
+def test_vocab_262144():
+    """A 256k vocabulary (Gemma-size), bf16, two rows: values and gradients against float64."""
+    require("triton", "token_logprobs", torch.bfloat16)
+    from .test_token_logprobs import run_and_check
+
+    V = 262144
+    g = torch.Generator().manual_seed(4)
+    logits = (torch.randn(2, V, generator=g, dtype=torch.float64) * 4).to(torch.bfloat16)
+    labels = torch.tensor([V - 1, 131071])
+    run_and_check("triton", logits, labels, 0.8, True, "V=262144")

@@ -329,3 +329,24 @@ def test_vocab_262144():
     logits = (torch.randn(2, V, generator=g, dtype=torch.float64) * 4).to(torch.bfloat16)
     labels = torch.tensor([V - 1, 131071])
     run_and_check("triton", logits, labels, 0.8, True, "V=262144")
+
+
+def test_ppo_policy_gradient_at_ties_matches_torch():
+    """Zero advantages with the ratio outside the clip range make the clipped and unclipped terms
+    equal (both 0): torch's max splits the gradient between them, and so must the kernel."""
+    require("triton", "ppo_policy_loss")
+    from .test_losses import policy_truth
+
+    lp = torch.tensor([[0.5, -0.5, 0.05, 0.3]])
+    old = torch.zeros(1, 4)
+    adv = torch.tensor([[0.0, 0.0, 0.0, 1.0]])
+    m = torch.ones(1, 4, dtype=torch.bool)
+    leaves = [t.clone().to(DEVICE).requires_grad_(True) for t in (lp, old, adv)]
+    loss, _ = rk.ppo_policy_loss(*leaves, m.to(DEVICE), dual_clip=2.0, backend="triton")
+    loss.backward()
+    t64 = [t.double().requires_grad_(True) for t in (lp, old, adv)]
+    loss64, _, _ = policy_truth(*t64, m, 0.2, 0.2, 2.0, "token-mean")
+    loss64.backward()
+    assert_close(loss, loss64, "loss at ties")
+    for leaf, ref, name in zip(leaves, t64, ("logprobs", "old_logprobs", "advantages")):
+        assert_close(leaf.grad, ref.grad, f"d/d{name} at ties")

@@ -183,7 +183,33 @@ def _check_backend_name(backend) -> str:
 
 
 def resolve(op: str, backend: str, device: torch.device, dtypes) -> tuple[str, Callable]:
-    """Pick the implementation of ``op`` for one call; returns (backend name, function)."""
+    """Pick the implementation of ``op`` for one call; returns (backend name, function).
+
+    Under ``torch.compile`` the choice is made once, at trace time, outside the traced code (it
+    imports modules and reads the environment), so the graph holds only the chosen op.
+    """
+    if torch.compiler.is_compiling():
+        attr = _resolve_at_trace_time(op, backend, device, tuple(dtypes))
+        return attr.split(":")[0], getattr(_TRACE_TIME_CHOICES, attr)
+    return _resolve(op, backend, device, dtypes)
+
+
+class _Choices:
+    """Implementations picked at trace time, one attribute per "backend:op"."""
+
+
+_TRACE_TIME_CHOICES = _Choices()
+
+
+@torch.compiler.assume_constant_result
+def _resolve_at_trace_time(op: str, backend: str, device: torch.device, dtypes: tuple) -> str:
+    name, fn = _resolve(op, backend, device, dtypes)
+    attr = f"{name}:{op}"
+    setattr(_TRACE_TIME_CHOICES, attr, fn)
+    return attr
+
+
+def _resolve(op: str, backend: str, device: torch.device, dtypes) -> tuple[str, Callable]:
     _check_backend_name(backend)
     source = "backend argument"
     if backend == "auto":

@@ -7,6 +7,12 @@ DEVICE = os.environ.get("RLHF_TEST_DEVICE", "cpu")
 if DEVICE == "cpu":
     # Must be set before triton is imported anywhere.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # triton.jit fixes interpreted vs compiled at import: import the kernels now, under this
+    # setting, before a test that briefly sets TRITON_INTERPRET=0 triggers the first import.
+    try:
+        import rlhf_kernels.triton  # noqa: F401
+    except Exception:  # no triton: the triton tests skip with the reason
+        pass
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -31,6 +31,7 @@ import datetime as _dt
 import gc
 import json
 import math
+import os
 import platform
 import re
 import statistics
@@ -140,6 +141,9 @@ def environment(cfg: Config) -> dict:
         "git": _git_commit(),
         "host": platform.node(),
         "quick": cfg.quick,
+        # the 1-minute load average when the rows were written: CPU timings on a shared machine
+        # are only comparable inside one run
+        "loadavg": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
 
 

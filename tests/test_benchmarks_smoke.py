@@ -119,3 +119,38 @@ def test_wrong_provider_is_caught(tmp_path):
     good = common.Case(bench_dpo.BENCHES[0], {"B": 16}, bench_dpo.torch.float32, "forward", "eager", None)
     rows = common.run_case(good, cfg, common.Recorder(cfg))
     assert {r["metric"] for r in rows} >= {"time_ms", "bandwidth_gbps"}
+
+
+def test_backends_that_appear_later_are_benchmarked(tmp_path, monkeypatch):
+    """The providers come from the dispatch registry at run time: a cpu backend that becomes
+    available is benchmarked (here a stand-in running the reference ops), and Triton is still left out
+    on CPU tensors even where the interpreter would let it run."""
+    from rlhf_kernels import _dispatch
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_dpo
+        import common
+    finally:
+        sys.path.remove(str(BENCH))
+    registry = dict(_dispatch._REGISTRY)
+    registry["cpu"] = dataclasses.replace(
+        registry["cpu"], unavailable_reason=lambda: None, load_ops=_dispatch._reference_ops
+    )
+    registry["triton"] = dataclasses.replace(
+        registry["triton"], unavailable_reason=lambda: None, load_ops=_dispatch._reference_ops
+    )
+    monkeypatch.setattr(_dispatch, "_REGISTRY", registry)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _dispatch._cached_ops.cache_clear()
+    try:
+        cfg = common.Config(device="cpu", quick=True, results_dir=tmp_path, run_id="t", record=False)
+        avail = common.providers(bench_dpo.BENCHES[0], cfg, bench_dpo.torch.float32)
+        assert avail["cpu"] is None and avail["reference"] is None and avail["eager"] is None
+        assert "interpreter" in avail["triton"]
+        cs = [c for c in common.cases(bench_dpo.BENCHES, cfg) if c.provider == "cpu" and c.mode == "full"]
+        assert cs
+        rows = common.run_case(cs[0], cfg, common.Recorder(cfg))
+        assert any(r["provider"] == "cpu" and r["metric"] == "time_ms" for r in rows)
+    finally:
+        _dispatch._cached_ops.cache_clear()

@@ -51,6 +51,13 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing the pack
 
 import rlhf_kernels  # noqa: E402
 
+try:
+    import pytest_benchmark  # noqa: F401
+
+    HAVE_PYTEST_BENCHMARK = True
+except ImportError:
+    HAVE_PYTEST_BENCHMARK = False
+
 MODES = ("forward", "backward", "full")
 PEER_PROVIDERS = ("eager", "torch_compile", "liger")
 DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -603,7 +610,7 @@ def script_main(path: str, argv=None) -> int:
     p.add_argument("--results-dir", default=None)
     p.add_argument("--no-record", action="store_true")
     args, rest = p.parse_known_args(argv)
-    pargs = [path, "-q", "-p", "no:cacheprovider", "--benchmark-columns=median,rounds", "-o", "python_files=bench_*.py"]
+    pargs = [path, "-q", "-p", "no:cacheprovider", "-o", "python_files=bench_*.py"] + pytest_benchmark_args()
     if args.device:
         pargs += ["--bench-device", args.device]
     if args.quick:
@@ -615,3 +622,7 @@ def script_main(path: str, argv=None) -> int:
     if args.no_record:
         pargs.append("--bench-no-record")
     return pytest.main(pargs + rest)
+
+
+def pytest_benchmark_args() -> list[str]:
+    return ["--benchmark-columns=median,rounds"] if HAVE_PYTEST_BENCHMARK else []

@@ -206,8 +206,11 @@ def markdown(run: Run, plots: dict[str, str] | None = None) -> str:
 
 def make_plots(run: Run, out_dir: Path, slug: str) -> dict[str, Path]:
     """One PNG per op: speedup over eager (log scale) of every provider, per case."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
+        return {}
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -72,7 +72,7 @@ def main(argv=None) -> int:
             continue
         cmd = [
             sys.executable, "-m", "pytest", str(HERE / script), "-q", "-p", "no:cacheprovider",
-            "-o", "python_files=bench_*.py", "--benchmark-columns=median,rounds",
+            "-o", "python_files=bench_*.py", *common.pytest_benchmark_args(),
             "--bench-device", cfg.device, "--bench-results-dir", str(cfg.results_dir),
             "--bench-run-id", cfg.run_id, "--bench-copy-gbps", repr(ceilings["copy_bandwidth_gbps"]),
         ]

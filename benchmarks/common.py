@@ -560,7 +560,9 @@ def run_case(case: Case, cfg: Config, rec: Recorder, benchmark=None) -> list[dic
     once = time.perf_counter() - t0
     rows = []
     if cfg.device == "cuda":
-        t = time_gpu(run, cfg, graph=case.bench.small)
+        # Not in "backward" mode: its graph was recorded on the default stream before the capture,
+        # so autograd would replay it there, outside the capturing stream.
+        t = time_gpu(run, cfg, graph=case.bench.small and case.mode != "backward")
         mem = gpu_peak_extra_mb(run)
         if benchmark is not None and not getattr(benchmark, "disabled", False):
             def run_sync():

@@ -15,5 +15,6 @@ def test_sft_then_dpo_raises_gold_score(tmp_path):
     assert sft["gold/mean_score"] > 0.35, sft
     dpo = train_dpo(DPOConfig(model=sft_dir, output_dir=dpo_dir, max_steps=60, eval_fraction=0.0,
                               gold_eval_prompts=256, progress_bar=False, logging_steps=20))
+    print(f"gold: sft {sft['gold/mean_score']:.3f} -> dpo {dpo['gold/mean_score']:.3f}")
     assert dpo["gold/mean_score"] > sft["gold/mean_score"] + 0.05, (sft, dpo)
     assert dpo["rewards/accuracies"] > 0.55

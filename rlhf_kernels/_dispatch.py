@@ -25,9 +25,17 @@ _ENV_VAR = "RLHF_KERNELS_BACKEND"
 # Order in which "auto" tries backends, per device type.  On CUDA the Triton kernels are tried
 # first; the CUDA C++ kernels next.  On CPU tensors the native C++ kernels are preferred and Triton
 # (only runnable there through its interpreter) is never picked automatically.
+#
+# On CPU the order is per op, from measurement (benchmarks/results/REPORT.md, CPU run
+# 20261125T172106Z): the C++ kernels win clearly on token_logprobs (2-4x eager, forward+backward),
+# gae (26-46x the Python loop) and the PPO losses (1.0-1.8x), but on the small elementwise
+# kl_penalty and dpo_loss the per-call cost of the compiled op makes them slower than the eager
+# reference (0.2-0.5x eager, against 0.55-1.0x for the reference), so "auto" keeps the reference there.
+_CPU_SLOWER_THAN_REFERENCE = ("kl_penalty", "dpo_loss")
 AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
     "cuda": {op: ("triton", "cuda", "reference") for op in OPS},
-    "cpu": {op: ("cpu", "reference") for op in OPS},
+    "cpu": {op: ("reference", "cpu") if op in _CPU_SLOWER_THAN_REFERENCE else ("cpu", "reference")
+            for op in OPS},
 }
 _DEFAULT_ORDER = ("reference",)
 

@@ -60,6 +60,19 @@ def test_auto_on_cpu_never_picks_triton_or_cuda(monkeypatch):
         assert name in ("cpu", "reference")
 
 
+def test_auto_on_cpu_uses_the_compiled_kernels_where_they_were_measured_faster(monkeypatch):
+    monkeypatch.delenv("RLHF_KERNELS_BACKEND", raising=False)
+    from rlhf_kernels._dispatch import resolve
+
+    if rk.available_backends("gae", "cpu", torch.float32)["cpu"] is not None:
+        pytest.skip("the cpu backend is not built here")
+    picked = {op: resolve(op, "auto", torch.device("cpu"), (torch.float32,))[0] for op in rk.OPS}
+    assert picked == {
+        "token_logprobs": "cpu", "gae": "cpu", "ppo_policy_loss": "cpu", "ppo_value_loss": "cpu",
+        "kl_penalty": "reference", "dpo_loss": "reference",
+    }
+
+
 def test_auto_on_cuda_prefers_triton_when_it_qualifies():
     from rlhf_kernels._dispatch import AUTO_ORDER
 

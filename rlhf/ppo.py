@@ -91,8 +91,8 @@ class PPOHyperParams:
     """Sequences per optimizer step, over all processes."""
     ppo_epochs: int = 4
     """Passes over each rollout batch."""
-    policy_lr: float = 1e-5
-    """Learning rate of the policy."""
+    lr: float = 1e-5
+    """Learning rate of the policy (peak, decayed linearly to 0)."""
     value_lr: float = 1e-5
     """Learning rate of the value model (or value head)."""
     max_grad_norm: float = 1.0
@@ -308,7 +308,7 @@ class PPOTrainer:
         critic_params = [p for n, p in self.actor_critic.named_parameters() if not n.startswith("policy.")]
         self.optimizer = torch.optim.AdamW(
             [
-                {"params": list(self.actor_critic.policy.parameters()), "lr": hp.policy_lr},
+                {"params": list(self.actor_critic.policy.parameters()), "lr": hp.lr},
                 {"params": critic_params, "lr": hp.value_lr},
             ],
             eps=1e-5,

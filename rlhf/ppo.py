@@ -260,7 +260,7 @@ class PPOTrainer:
     Args:
         policy: the causal LM being trained (its initial weights are the SFT model).
         ref_policy: the frozen reference (the SFT model).
-        reward_model: a one-label sequence-classification model (frozen).
+        reward_model: a one-label sequence-classification model (frozen), or None with ``reward_fn``.
         value_model: a one-label sequence-classification model trained as the critic, or None with
             ``hp.value_model == "policy_head"``.
         hp: :class:`PPOHyperParams`.
@@ -268,6 +268,8 @@ class PPOTrainer:
         rank, world_size: the DDP process group (``world_size == 1``: one process).
         gold_fn: optional ``gold_fn(prompt_ids, response_ids) -> list[float]`` (lists of token ids), a
             programmatic gold score logged beside the proxy reward as ``objective/gold``.
+        reward_fn: optional ``reward_fn(prompt_ids, response_ids) -> list[float]``, a rule-based reward
+            used instead of the reward model.
     """
 
     def __init__(
@@ -284,9 +286,12 @@ class PPOTrainer:
         rank: int = 0,
         world_size: int = 1,
         gold_fn=None,
+        reward_fn=None,
     ):
         self.hp, self.eos_id, self.pad_id = hp, eos_id, pad_id
-        self.rank, self.world_size, self.gold_fn = rank, world_size, gold_fn
+        self.rank, self.world_size, self.gold_fn, self.reward_fn = rank, world_size, gold_fn, reward_fn
+        if (reward_model is None) == (reward_fn is None):
+            raise ValueError("give exactly one of reward_model and reward_fn")
         if hp.rollout_batch_size % world_size or hp.mini_batch_size % world_size:
             raise ValueError(
                 f"rollout_batch_size ({hp.rollout_batch_size}) and mini_batch_size ({hp.mini_batch_size}) "
@@ -298,9 +303,9 @@ class PPOTrainer:
             )
         if hp.value_model not in ("reward", "policy_head"):
             raise ValueError(f"value_model must be 'reward' or 'policy_head', got {hp.value_model!r}")
-        self.ref_policy, self.reward_model = ref_policy.eval(), reward_model.eval()
-        for m in (self.ref_policy, self.reward_model):
-            m.requires_grad_(False)
+        self.ref_policy, self.reward_model = ref_policy.eval().requires_grad_(False), reward_model
+        if reward_model is not None:
+            reward_model.eval().requires_grad_(False)
         self.actor_critic = ActorCritic(policy, value_model if hp.value_model == "reward" else None)
         self.model = self.actor_critic
         if world_size > 1:
@@ -385,9 +390,14 @@ class PPOTrainer:
             ref_logprobs = policy_logprobs(
                 self.ref_policy, input_ids, attention_mask, labels, hp.temperature, backend
             )
-            scores = token_scores(self.reward_model, input_ids, attention_mask, position_ids)[:, -R:][
-                rows, last
-            ]
+            if self.reward_fn is not None:
+                response_lists = [r[m].tolist() for r, m in zip(responses, response_mask)]
+                scores = torch.tensor(
+                    self.reward_fn(prompts, response_lists), dtype=torch.float32, device=device
+                )
+            else:
+                scores = token_scores(self.reward_model, input_ids, attention_mask, position_ids)[:, -R:]
+                scores = scores[rows, last]
         raw_scores = scores.clone()
         if hp.missing_eos_penalty is not None:
             scores = scores - hp.missing_eos_penalty * (~has_eos).float()

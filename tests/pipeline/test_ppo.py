@@ -180,3 +180,36 @@ def test_response_ends_at_first_eos():
     assert mask.tolist() == [[True, True, False, False], [True, True, True, True]]
     assert has_eos.tolist() == [True, False]
     assert responses.tolist() == [[9, EOS, PAD, PAD], [9, 10, 11, 12]]
+
+
+def test_ppo_raises_a_rule_based_reward(tiny_models):
+    """PPO must optimise what it is given: reward = fraction of response tokens equal to token 7."""
+    target = 7
+    reward_fn = lambda prompts, responses: [sum(t == target for t in r) / len(r) for r in responses]
+    policy_path, _ = tiny_models
+    torch.manual_seed(0)
+    load_lm = transformers.AutoModelForCausalLM.from_pretrained
+    hp = PPOHyperParams(
+        rollout_batch_size=16,
+        mini_batch_size=8,
+        ppo_epochs=2,
+        max_new_tokens=6,
+        lr=1e-2,
+        value_model="policy_head",
+        value_lr=3e-3,
+        kl_coef=0.0,
+        kernel_backend="reference",
+    )
+    trainer = PPOTrainer(
+        load_lm(policy_path),
+        load_lm(policy_path),
+        None,
+        None,
+        hp,
+        eos_id=EOS,
+        pad_id=PAD,
+        total_steps=12,
+        reward_fn=reward_fn,
+    )
+    scores = [trainer.step(_prompts(16, seed=s))["objective/scores"] for s in range(12)]
+    assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3 + 0.3, scores

@@ -1,0 +1,328 @@
+"""Datasets in the formats TRL users already have, tokenized for training, and batch collation.
+
+Formats (one record per line of a JSONL file, an element of a JSON list, a parquet row, or a
+``datasets`` row), detected from the columns:
+
+- ``messages``: a chat, ``[{"role": ..., "content": ...}, ...]``; SFT trains on assistant turns.
+- ``prompt`` / ``completion``: strings (concatenated as is) or message lists (chat template).
+- ``prompt`` / ``chosen`` / ``rejected``: a preference pair with an explicit prompt; or only
+  ``chosen`` / ``rejected`` (implicit prompt): the prompt is their longest common prefix (whole
+  messages for chats; for strings, characters up to the last whitespace or the first difference).
+- ``prompt`` alone: prompt-only data for RL.
+
+Tokenized examples are plain dicts of Python int lists so they can be batched by :func:`pad_batch`:
+SFT ``{"input_ids", "labels"}`` (labels are -100 outside completion/assistant tokens); preference
+``{"chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels"}``; prompt-only
+``{"prompt_ids"}``.  An end-of-sequence token closes every completion (unless the chat template
+already put one there).
+
+Truncation never cuts a prompt: a prompt that leaves no room for one completion token within
+``max_length`` is an error naming the record; completions are cut from the right to fit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100
+FORMAT_COLUMNS = {
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "preference": ("prompt", "chosen", "rejected"),
+    "preference_implicit": ("chosen", "rejected"),
+    "prompt_only": ("prompt",),
+}
+# What each trainer accepts.
+SFT_FORMATS = ("messages", "prompt_completion")
+PREFERENCE_FORMATS = ("preference", "preference_implicit")
+
+
+class DataError(ValueError):
+    """Bad training data: the message names the file/record and the problem."""
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_records(source: str, split: str = "train") -> list[dict]:
+    """Records from a local ``.jsonl`` / ``.json`` / ``.parquet`` file or a ``datasets`` name."""
+    if os.path.isfile(source):
+        ext = os.path.splitext(source)[1].lower()
+        if ext == ".jsonl":
+            records = []
+            with open(source) as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if line.strip():
+                        try:
+                            records.append(json.loads(line))
+                        except json.JSONDecodeError as e:
+                            raise DataError(f"{source}:{lineno}: not valid JSON ({e})") from e
+        elif ext == ".json":
+            with open(source) as fh:
+                data = json.load(fh)
+            records = data if isinstance(data, list) else data.get("data", data.get("train"))
+            if not isinstance(records, list):
+                raise DataError(f"{source}: expected a JSON list of records (or {{'data': [...]}})")
+        elif ext == ".parquet":
+            import pyarrow.parquet as pq
+
+            records = pq.read_table(source).to_pylist()
+        else:
+            raise DataError(f"{source}: unsupported file type {ext!r}; use .jsonl, .json or .parquet")
+    elif os.path.sep in source and not os.path.exists(source) and (source.startswith((".", "/", "~"))):
+        raise FileNotFoundError(f"dataset file {source!r} does not exist")
+    else:
+        try:
+            import datasets
+        except ImportError as e:  # pragma: no cover - datasets is optional
+            raise DataError(f"{source!r} is not a local file and the `datasets` package is not installed") from e
+        try:
+            records = datasets.load_dataset(source, split=split).to_list()
+        except Exception as e:
+            raise DataError(f"could not load dataset {source!r} (split {split!r}): {e}") from e
+    if not records:
+        raise DataError(f"dataset {source!r} is empty")
+    if not all(isinstance(r, dict) for r in records):
+        raise DataError(f"dataset {source!r}: every record must be a mapping of column -> value")
+    return records
+
+
+def detect_format(records: list[dict], allowed: Iterable[str] | None = None, name: str = "dataset") -> str:
+    """The format of ``records`` (see module doc), checked against the formats a trainer accepts."""
+    if not records:
+        raise DataError(f"{name} is empty")
+    columns = set(records[0])
+    if {"chosen", "rejected"} <= columns:
+        fmt = "preference" if "prompt" in columns else "preference_implicit"
+    elif "messages" in columns:
+        fmt = "messages"
+    elif {"prompt", "completion"} <= columns:
+        fmt = "prompt_completion"
+    elif "prompt" in columns:
+        fmt = "prompt_only"
+    else:
+        fmt = None
+    allowed = tuple(allowed) if allowed is not None else tuple(FORMAT_COLUMNS)
+    if fmt not in allowed:
+        need = " or ".join("/".join(FORMAT_COLUMNS[f]) for f in allowed)
+        raise DataError(f"{name} has columns {sorted(columns)}; this trainer needs columns {need}")
+    for i, r in enumerate(records):
+        missing = [c for c in FORMAT_COLUMNS[fmt] if c not in r or r[c] is None]
+        if missing:
+            raise DataError(f"{name} record {i} is missing column(s) {missing} (format {fmt})")
+    return fmt
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering and tokenizing
+
+
+def _is_chat(x: Any) -> bool:
+    return isinstance(x, list) and all(isinstance(m, dict) and "role" in m for m in x)
+
+
+def _encode(tokenizer, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("data holds chat messages but the tokenizer has no chat template")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _close(tokenizer, ids: list[int]) -> list[int]:
+    eos = tokenizer.eos_token_id
+    return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
+
+
+def encode_prompt_completion(tokenizer, prompt, completion) -> tuple[list[int], list[int]]:
+    """(prompt_ids, completion_ids) for string or chat prompts/completions; the completion ends in EOS."""
+    if _is_chat(prompt) or _is_chat(completion):
+        prompt_msgs = prompt if _is_chat(prompt) else [{"role": "user", "content": str(prompt)}]
+        completion_msgs = completion if _is_chat(completion) else [{"role": "assistant", "content": str(completion)}]
+        prompt_text = _render(tokenizer, prompt_msgs, generation_prompt=True)
+        full_text = _render(tokenizer, prompt_msgs + completion_msgs, generation_prompt=False)
+        if not full_text.startswith(prompt_text):
+            raise DataError("the chat template does not render the prompt as a prefix of the full chat")
+        p = _encode(tokenizer, prompt_text, special=False)
+        full = _encode(tokenizer, full_text, special=False)
+        return p, _close(tokenizer, full[len(p):])
+    p = _encode(tokenizer, str(prompt), special=True)
+    c = _encode(tokenizer, str(completion), special=False)
+    return p, _close(tokenizer, c)
+
+
+def encode_messages(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for a chat: labels are the ids on assistant turns, -100 elsewhere."""
+    if not _is_chat(messages) or not messages:
+        raise DataError("`messages` must be a non-empty list of {'role', 'content'} dicts")
+    ids: list[int] = []
+    labels: list[int] = []
+    for i, m in enumerate(messages):
+        # Render the prefix up to this turn; the tokens the turn adds are trained on if assistant.
+        upto = _encode(tokenizer, _render(tokenizer, messages[: i + 1], generation_prompt=False), special=False)
+        if m["role"] == "assistant":
+            before = _encode(tokenizer, _render(tokenizer, messages[:i], generation_prompt=True), special=False)
+            if upto[: len(before)] != before or ids != before[: len(ids)]:
+                raise DataError("the chat template does not tokenize turns as prefixes of the whole chat")
+            labels += [IGNORE_INDEX] * (len(before) - len(ids)) + upto[len(before):]
+        else:
+            labels += [IGNORE_INDEX] * (len(upto) - len(ids))
+        ids = upto
+    if all(x == IGNORE_INDEX for x in labels):
+        raise DataError("a `messages` record has no assistant turn to train on")
+    return ids, labels
+
+
+def _fit(prompt_ids: list[int], completion_ids: list[int], max_length: int, where: str) -> list[int]:
+    """Cut the completion so prompt + completion fits; a prompt that leaves no room is an error."""
+    if len(prompt_ids) >= max_length:
+        raise DataError(
+            f"{where}: the prompt is {len(prompt_ids)} tokens, which leaves no room for a completion "
+            f"within max_length={max_length}; raise max_length or shorten the prompt"
+        )
+    return completion_ids[: max_length - len(prompt_ids)]
+
+
+def tokenize_sft(records: list[dict], tokenizer, max_length: int, name: str = "dataset") -> list[dict]:
+    """SFT examples ``{"input_ids", "labels"}`` with loss only on completion / assistant tokens."""
+    fmt = detect_format(records, SFT_FORMATS, name)
+    out = []
+    for i, r in enumerate(records):
+        where = f"{name} record {i}"
+        if fmt == "messages":
+            ids, labels = encode_messages(tokenizer, r["messages"])
+            first = next(k for k, x in enumerate(labels) if x != IGNORE_INDEX)
+            if first >= max_length:
+                raise DataError(f"{where}: the first assistant turn starts at token {first}, beyond "
+                                f"max_length={max_length}; raise max_length")
+            ids, labels = ids[:max_length], labels[:max_length]
+        else:
+            p, c = encode_prompt_completion(tokenizer, r["prompt"], r["completion"])
+            c = _fit(p, c, max_length, where)
+            ids, labels = p + c, [IGNORE_INDEX] * len(p) + c
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def _common_prefix(a, b):
+    if _is_chat(a) and _is_chat(b):
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return a[:n], a[n:], b[n:]
+    a, b = str(a), str(b)
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    cut = max(a.rfind(" ", 0, n) + 1, 0) if n < min(len(a), len(b)) and " " in a[:n] else n
+    return a[:cut], a[cut:], b[cut:]
+
+
+def split_preference(record: dict, fmt: str) -> tuple[Any, Any, Any]:
+    """(prompt, chosen, rejected) with an implicit prompt taken from the common prefix."""
+    if fmt == "preference":
+        return record["prompt"], record["chosen"], record["rejected"]
+    return _common_prefix(record["chosen"], record["rejected"])
+
+
+def tokenize_preference(records: list[dict], tokenizer, max_length: int, name: str = "dataset") -> list[dict]:
+    """Preference examples ``{"chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels"}``."""
+    fmt = detect_format(records, PREFERENCE_FORMATS, name)
+    out = []
+    n_equal = 0
+    for i, r in enumerate(records):
+        where = f"{name} record {i}"
+        prompt, chosen, rejected = split_preference(r, fmt)
+        p, c = encode_prompt_completion(tokenizer, prompt, chosen)
+        p2, rj = encode_prompt_completion(tokenizer, prompt, rejected)
+        if p2 != p:
+            raise DataError(f"{where}: the prompt tokenizes differently before chosen and rejected")
+        c, rj = _fit(p, c, max_length, where), _fit(p, rj, max_length, where)
+        n_equal += c == rj
+        out.append({
+            "chosen_ids": p + c, "chosen_labels": [IGNORE_INDEX] * len(p) + c,
+            "rejected_ids": p + rj, "rejected_labels": [IGNORE_INDEX] * len(p) + rj,
+        })
+    if n_equal == len(out):
+        raise DataError(f"{name}: chosen equals rejected in every record; there is no preference to learn")
+    return out
+
+
+def tokenize_prompts(records: list[dict], tokenizer, max_length: int, name: str = "dataset") -> list[dict]:
+    """Prompt-only examples ``{"prompt_ids"}`` (chat prompts get the generation prompt)."""
+    detect_format(records, ("prompt_only", "prompt_completion", "preference"), name)
+    out = []
+    for i, r in enumerate(records):
+        prompt = r["prompt"]
+        if _is_chat(prompt):
+            ids = _encode(tokenizer, _render(tokenizer, prompt, generation_prompt=True), special=False)
+        else:
+            ids = _encode(tokenizer, str(prompt), special=True)
+        if not ids:
+            raise DataError(f"{name} record {i}: the prompt is empty")
+        if len(ids) >= max_length:
+            raise DataError(f"{name} record {i}: the prompt is {len(ids)} tokens, which leaves no room "
+                            f"to generate within max_length={max_length}")
+        out.append({"prompt_ids": ids})
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Batching
+
+
+def pad_batch(seqs: list[list[int]], pad_value: int, padding_side: str = "right") -> torch.Tensor:
+    """``[B, T]`` int64 tensor of ``seqs`` padded to the longest with ``pad_value``."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    width = max(len(s) for s in seqs)
+    rows = [
+        (s + [pad_value] * (width - len(s))) if padding_side == "right" else ([pad_value] * (width - len(s)) + s)
+        for s in seqs
+    ]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def collate(ids: list[list[int]], labels: list[list[int]] | None, pad_token_id: int,
+            padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """A model batch: ``input_ids``, ``attention_mask``, ``position_ids`` (from the mask, so left and
+    right padding give the same outputs) and, with ``labels``, ``labels`` padded with -100."""
+    input_ids = pad_batch(ids, pad_token_id, padding_side)
+    attention_mask = pad_batch([[1] * len(s) for s in ids], 0, padding_side)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    if labels is not None:
+        batch["labels"] = pad_batch(labels, IGNORE_INDEX, padding_side)
+    return batch
+
+
+def collate_sft(examples: list[dict], pad_token_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
+    return collate([e["input_ids"] for e in examples], [e["labels"] for e in examples], pad_token_id, padding_side)
+
+
+def collate_preference(examples: list[dict], pad_token_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """Chosen rows first, then rejected rows, in one ``[2B, T]`` batch (one forward for both)."""
+    ids = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
+    labels = [e["chosen_labels"] for e in examples] + [e["rejected_labels"] for e in examples]
+    return collate(ids, labels, pad_token_id, padding_side)
+
+
+def split_holdout(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held_out): a seeded random ``fraction`` of ``items`` held out (at least one if > 0)."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {fraction}")
+    if fraction == 0.0:
+        return list(items), []
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(items), generator=g).tolist()
+    n_eval = max(1, round(fraction * len(items)))
+    held = set(order[:n_eval])
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]

@@ -1,0 +1,198 @@
+"""Loading models and tokenizers, and the log-prob / score computations every trainer shares.
+
+- policy: ``AutoModelForCausalLM``; reference: the same, frozen in eval mode.
+- reward / value model: ``AutoModelForSequenceClassification`` with ``num_labels=1`` (a scalar head on
+  the last hidden state), initialised from the SFT model (the head is new).
+- dtype: bf16 on GPU, fp32 on CPU (``dtype="auto"``).
+- ``builtin``: the built-in task's tiny Llama-style model (random init) and character tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+import rlhf_kernels as rk
+
+from .data import IGNORE_INDEX
+
+BUILTIN = "builtin"
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"dtype must be one of auto, {', '.join(table)}; got {dtype!r}")
+    return table[dtype]
+
+
+def check_model_path(path: str, what: str = "model") -> None:
+    """A clear error for a local path that does not exist (instead of a Hub lookup failure)."""
+    if path == BUILTIN:
+        return
+    looks_local = path.startswith((".", "/", "~")) or os.path.sep in path and path.count("/") != 1
+    if looks_local and not os.path.exists(os.path.expanduser(path)):
+        raise FileNotFoundError(f"{what} path {path!r} does not exist")
+
+
+def _from_pretrained(loader, path: str, what: str, **kw):
+    check_model_path(path, what)
+    try:
+        return loader.from_pretrained(os.path.expanduser(path), **kw)
+    except OSError as e:
+        raise FileNotFoundError(f"could not load {what} from {path!r}: {e}") from e
+
+
+def load_tokenizer(path: str):
+    """Tokenizer for ``path`` (or the built-in one), with a pad token guaranteed.
+
+    A tokenizer without a pad token gets its EOS (or UNK) as pad: padding is always masked by the
+    attention mask and labels, so the id only has to be valid.
+    """
+    if path == BUILTIN:
+        from .tasks import build_tokenizer
+
+        tok = build_tokenizer()
+    else:
+        from transformers import AutoTokenizer
+
+        tok = _from_pretrained(AutoTokenizer, path, "tokenizer")
+    if tok.pad_token_id is None:
+        if tok.eos_token is not None:
+            tok.pad_token = tok.eos_token
+        elif tok.unk_token is not None:
+            tok.pad_token = tok.unk_token
+        else:
+            raise ValueError(f"tokenizer {path!r} has no pad, eos or unk token to pad with")
+    return tok
+
+
+def _finish(model, device: torch.device, gradient_checkpointing: bool, trainable: bool):
+    model.to(device)
+    if gradient_checkpointing and trainable:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    if trainable:
+        model.train()
+    else:
+        model.eval()
+        model.requires_grad_(False)
+    return model
+
+
+def load_policy(path: str, tokenizer=None, device: torch.device | str = "cpu", dtype: str = "auto",
+                gradient_checkpointing: bool = False, trainable: bool = True, seed: int = 0):
+    """``AutoModelForCausalLM`` from ``path`` (``builtin``: a fresh tiny Llama seeded by ``seed``)."""
+    from transformers import AutoModelForCausalLM
+
+    device = resolve_device(device) if isinstance(device, str) else device
+    torch_dtype = resolve_dtype(dtype, device)
+    if path == BUILTIN:
+        from transformers import LlamaForCausalLM
+
+        from .tasks import tiny_llama_config
+
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(BUILTIN)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(tiny_llama_config(len(tokenizer))).to(torch_dtype)
+    else:
+        model = _from_pretrained(AutoModelForCausalLM, path, "model", dtype=torch_dtype)
+    if tokenizer is not None and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return _finish(model, device, gradient_checkpointing, trainable)
+
+
+def load_reference(path: str, tokenizer=None, device="cpu", dtype: str = "auto", seed: int = 0):
+    """A frozen copy of the policy at ``path`` (eval mode, no gradients)."""
+    return load_policy(path, tokenizer, device, dtype, trainable=False, seed=seed)
+
+
+def load_reward_model(path: str, tokenizer=None, device="cpu", dtype: str = "auto",
+                      gradient_checkpointing: bool = False, trainable: bool = True):
+    """``AutoModelForSequenceClassification`` with one label from ``path`` (an SFT model: the body is
+    loaded, the scalar ``score`` head is newly initialised; a reward model: everything is loaded)."""
+    from transformers import AutoModelForSequenceClassification
+
+    if path == BUILTIN:
+        raise ValueError("the reward model is initialised from an SFT model: pass --model <sft output dir>")
+    device = resolve_device(device) if isinstance(device, str) else device
+    model = _from_pretrained(AutoModelForSequenceClassification, path, "model", num_labels=1,
+                             dtype=resolve_dtype(dtype, device))
+    if tokenizer is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return _finish(model, device, gradient_checkpointing, trainable)
+
+
+def unwrap(model):
+    """The Hugging Face model inside DDP and/or :class:`ScalarHead` wrappers."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(model, ScalarHead):
+            model = model.model
+        else:
+            return model
+
+
+# --------------------------------------------------------------------------------------------
+# Computations on batches from rlhf.data.collate
+
+
+def token_logprobs(model, batch: dict, temperature: float = 1.0, backend: str = "auto",
+                   return_entropy: bool = False):
+    """Per-token log-probs of ``batch["labels"]`` under ``model``: ``[B, T-1]`` fp32, 0 where the
+    label is -100 (the shift is done here: position t predicts token t+1)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"], use_cache=False).logits
+    labels = batch["labels"][:, 1:]
+    return rk.token_logprobs(logits[:, :-1], labels, temperature=temperature, ignore_index=IGNORE_INDEX,
+                             return_entropy=return_entropy, backend=backend)
+
+
+def sequence_logprobs(model, batch: dict, backend: str = "auto") -> torch.Tensor:
+    """``[B]`` fp32: log-probs summed over each row's completion (label != -100) tokens."""
+    return token_logprobs(model, batch, backend=backend).sum(-1)
+
+
+class ScalarHead(torch.nn.Module):
+    """Wraps a one-label ``AutoModelForSequenceClassification`` so ``forward`` returns its scalar head
+    at every position, ``[B, T]`` fp32 (the reward at the last real token; a PPO value per token).
+    Being an ``nn.Module`` with that ``forward``, it can be wrapped in DDP like a policy."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        body = getattr(self.model, self.model.base_model_prefix)
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=False).last_hidden_state
+        return self.model.score(hidden).squeeze(-1).float()
+
+
+def token_scores(model, batch: dict) -> torch.Tensor:
+    """``[B, T]`` scores from a :class:`ScalarHead` (or a DDP-wrapped one)."""
+    return model(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B]`` index of the last position with mask 1 (works for left and right padding)."""
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(-1)
+
+
+def sequence_rewards(model, batch: dict) -> torch.Tensor:
+    """``[B]`` fp32 scores of a :class:`ScalarHead` at each row's last real token."""
+    scores = token_scores(model, batch)
+    return scores.gather(-1, last_token_index(batch["attention_mask"])[:, None]).squeeze(-1)

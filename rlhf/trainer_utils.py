@@ -1,0 +1,242 @@
+"""Optimizer, schedule, seeding, batching and the optimizer-step loop the trainers share.
+
+Batching is defined on the *global* batch so results do not depend on the process count: step s
+of a run takes global batch s from a seeded shuffle of the data (one shuffle per epoch), every rank
+takes its strided slice (``rank_slice``), cuts it into micro-batches, and each micro-batch loss is a
+*sum* divided by a normalizer computed from the whole global batch (tokens for SFT, pairs for DPO).
+With DDP averaging gradients over ranks, the update is exactly the one-process update.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from .checkpoint import load_training_state, save_checkpoint, save_final
+from .distributed import DistInfo, all_reduce_sum
+from .logging import MetricsLogger, Progress
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not biases or norm weights)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+
+
+def lr_lambda(step: int, warmup_steps: int, total_steps: int, kind: str) -> float:
+    """Multiplier of the peak lr at ``step``: linear warmup, then cosine / linear decay to 0, or constant."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if kind == "linear":
+        return 1.0 - progress
+    raise ValueError(f"lr_scheduler must be cosine, linear or constant; got {kind!r}")
+
+
+def build_scheduler(optimizer, cfg, total_steps: int):
+    lr_lambda(0, cfg.warmup_steps, total_steps, cfg.lr_scheduler)  # validate the name early
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, total_steps, cfg.lr_scheduler))
+
+
+def global_batch_size(cfg, info: DistInfo) -> int:
+    return cfg.per_device_batch_size * cfg.gradient_accumulation_steps * info.world_size
+
+
+def total_steps(cfg, n_examples: int, global_batch: int) -> int:
+    steps_per_epoch = n_examples // global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"the dataset has {n_examples} examples, fewer than one global batch of {global_batch} "
+                         f"(per_device_batch_size x gradient_accumulation_steps x processes)")
+    return cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
+
+
+def global_batch_indices(step: int, n_examples: int, global_batch: int, seed: int) -> list[int]:
+    """Indices of global batch ``step`` (0-based): a seeded shuffle per epoch, last partial batch dropped."""
+    per_epoch = n_examples // global_batch
+    epoch, k = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n_examples, generator=g).tolist()
+    return order[k * global_batch:(k + 1) * global_batch]
+
+
+def rank_slice(items: list, info: DistInfo) -> list:
+    """This rank's share of a global batch (strided, so ranks get equal shares)."""
+    return items[info.rank::info.world_size]
+
+
+def chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm (after DDP's all-reduce, so every rank clips alike); returns it."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_norm and max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params]))
+
+
+# A step function: (micro_batch_examples) -> (loss_sum, stat_sums).  loss_sum is a scalar tensor
+# with gradient; stat_sums maps metric names to detached scalar sums over the micro-batch.
+LossFn = Callable[[list], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def train_loop(
+    *,
+    cfg,
+    info: DistInfo,
+    model: torch.nn.Module,
+    optimizer,
+    scheduler,
+    examples: list,
+    loss_fn: LossFn,
+    normalizer: Callable[[list], float],
+    tokenizer,
+    logger: MetricsLogger,
+    start_step: int = 0,
+    eval_fn: Callable[[], dict] | None = None,
+    desc: str = "train",
+) -> dict:
+    """Run optimizer steps ``start_step`` .. ``total`` and return the last logged metrics.
+
+    Per step: the global batch is fetched, this rank's slice is cut into micro-batches; each
+    micro-batch's ``loss_sum / normalizer(global batch) * world_size`` is back-propagated (DDP
+    averages over ranks, which undoes the ``* world_size``); gradients are clipped; AdamW steps.
+    Logged metrics are ``stat_sums`` reduced over ranks and divided by the normalizer.
+    """
+    gbs = global_batch_size(cfg, info)
+    steps = total_steps(cfg, len(examples), gbs)
+    progress = Progress(steps, initial=start_step, desc=desc, enabled=info.is_main and cfg.progress_bar)
+    last: dict = {}
+    for step in range(start_step, steps):
+        batch = [examples[i] for i in global_batch_indices(step, len(examples), gbs, cfg.seed)]
+        norm = float(normalizer(batch))
+        micro = chunks(rank_slice(batch, info), cfg.per_device_batch_size)
+        totals: dict[str, torch.Tensor] = {}
+        model.train()
+        for j, mb in enumerate(micro):
+            sync = j == len(micro) - 1 or not hasattr(model, "no_sync")
+            with nullcontext() if sync else model.no_sync():
+                loss_sum, stats = loss_fn(mb)
+                (loss_sum / max(norm, 1e-12) * info.world_size).backward()
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + v.detach().double().cpu()
+        grad_norm = clip_grad_norm(model, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        names = sorted(totals)
+        reduced = all_reduce_sum(torch.stack([torch.as_tensor(totals[k], dtype=torch.float64) for k in names])) \
+            if names else torch.zeros(0)
+        metrics = {k: (reduced[i] / max(norm, 1e-12)).item() for i, k in enumerate(names)}
+        metrics.update(grad_norm=float(grad_norm), lr=scheduler.get_last_lr()[0],
+                       epoch=done * gbs / len(examples))
+        progress.update({"loss": metrics.get("loss", float("nan"))})
+        if done % max(cfg.logging_steps, 1) == 0 or done == steps or done == 1:
+            last = logger.log(done, metrics)
+        if eval_fn is not None and cfg.eval_steps > 0 and done % cfg.eval_steps == 0 and done != steps:
+            logger.log(done, eval_fn())
+        if cfg.save_steps > 0 and done % cfg.save_steps == 0 and done != steps:
+            save_checkpoint(cfg.output_dir, done, model, tokenizer, optimizer, scheduler, info,
+                            total_limit=cfg.save_total_limit)
+    progress.close()
+    if eval_fn is not None:
+        last = {**last, **logger.log(steps, eval_fn())}
+    if steps > start_step and cfg.save_steps > 0:
+        save_checkpoint(cfg.output_dir, steps, model, tokenizer, optimizer, scheduler, info,
+                        total_limit=cfg.save_total_limit)
+    save_final(cfg.output_dir, model, tokenizer, info)
+    return last
+
+
+def resume_state(cfg, optimizer, scheduler, info: DistInfo, checkpoint: str | None) -> int:
+    """Load optimizer/scheduler/RNG from ``checkpoint`` (when resuming) and return the step to start at."""
+    if checkpoint is None:
+        return 0
+    step, _ = load_training_state(checkpoint, optimizer, scheduler, info)
+    return step
+
+
+# --------------------------------------------------------------------------------------------
+# Run setup shared by the trainers
+
+
+BUILTIN_SIZES = {"sft": 4000, "preference": 2000, "prompts": 1000}
+
+
+def load_records_for(cfg, kind: str) -> tuple[list[dict], list[dict]]:
+    """(train, eval) records for ``kind`` in ``sft | preference | prompts``: ``cfg.dataset`` (or the
+    built-in task's data), with ``cfg.eval_dataset`` or an ``eval_fraction`` hold-out as eval."""
+    from .data import load_records, split_holdout
+
+    if cfg.dataset == "builtin":
+        from . import tasks
+
+        make = {"sft": tasks.make_demonstrations, "preference": tasks.make_preference_pairs,
+                "prompts": tasks.make_prompts}[kind]
+        records = make(BUILTIN_SIZES[kind], seed=0)
+    else:
+        records = load_records(cfg.dataset, cfg.dataset_split)
+    if cfg.eval_dataset:
+        return records, load_records(cfg.eval_dataset, cfg.dataset_split)
+    return split_holdout(records, cfg.eval_fraction, seed=1234)
+
+
+class RunContext:
+    """What every trainer sets up first: processes, device, seed, tokenizer, resume point, logger."""
+
+    def __init__(self, cfg):
+        import os
+
+        import yaml
+
+        from .checkpoint import latest_checkpoint
+        from .config import to_dict
+        from .distributed import init_distributed
+        from .models import load_tokenizer, resolve_device
+
+        self.cfg = cfg
+        self.info = init_distributed(resolve_device(cfg.device))
+        self.device = self.info.device
+        seed_everything(cfg.seed)
+        self.checkpoint = latest_checkpoint(cfg.output_dir) if cfg.resume else None
+        self.start_step = int(os.path.basename(self.checkpoint).split("-")[-1]) if self.checkpoint else 0
+        if cfg.resume and self.checkpoint is None and self.info.is_main:
+            print(f"--resume: no checkpoint in {cfg.output_dir}; starting from step 0")
+        # Resuming: the weights (and tokenizer) come from the checkpoint folder.
+        self.model_path = self.checkpoint or cfg.model
+        self.tokenizer = load_tokenizer(self.checkpoint or cfg.tokenizer or cfg.model)
+        self.logger = MetricsLogger(cfg.output_dir, enabled=self.info.is_main,
+                                    resume_step=self.start_step if self.checkpoint else None)
+        if self.info.is_main:
+            with open(os.path.join(cfg.output_dir, "run_config.yaml"), "w") as fh:
+                yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
+
+    def close(self) -> None:
+        from .distributed import cleanup
+
+        self.logger.close()
+        cleanup()

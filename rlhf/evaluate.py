@@ -10,7 +10,7 @@ import torch
 
 import rlhf_kernels as rk
 
-from .ppo import _position_ids, generate_responses, left_pad, policy_logprobs, token_scores
+from .models import ScalarHead
 
 
 @torch.no_grad()
@@ -31,6 +31,9 @@ def evaluate_policy(
 
     The sampling RNG is forked so that evaluating does not change the caller's random stream.
     """
+    from .ppo import _position_ids, generate_responses, left_pad, policy_logprobs
+
+    score_head = ScalarHead(reward_model)
     device = next(policy.parameters()).device
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     if pad_id is None:
@@ -59,7 +62,7 @@ def evaluate_policy(
                 .tolist()
             )
             last = response_mask.sum(1) - 1
-            scores = token_scores(reward_model, input_ids, attention_mask, _position_ids(attention_mask))
+            scores = score_head(input_ids, attention_mask, _position_ids(attention_mask))
             proxy += scores[:, -R:][torch.arange(len(texts), device=device), last].tolist()
             length += response_mask.sum(1).tolist()
             if gold_fn is not None:

@@ -25,14 +25,24 @@ val/clipfrac, response_length/mean, timing/generation, timing/scoring, timing/tr
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 import rlhf_kernels as rk
+
+from .checkpoint import load_training_state, save_checkpoint, save_final
+from .config import TrainConfig, parse_config
+from .data import pad_batch, tokenize_prompts
+from .distributed import DistInfo, all_reduce_sum, wrap_ddp
+from .evaluate import evaluate_policy
+from .logging import Progress
+from .models import ScalarHead, load_policy, load_reference, load_reward_model
+from .tasks import gold_score, make_prompts
+from .trainer_utils import RunContext, clip_grad_norm, global_batch_indices, load_records_for, rank_slice
 
 
 @dataclass
@@ -122,30 +132,18 @@ class FixedKLController:
         pass
 
 
-def token_scores(model: nn.Module, input_ids, attention_mask, position_ids) -> torch.Tensor:
-    """Per-token outputs ``[B, T]`` of a one-label ``AutoModelForSequenceClassification``'s scalar head.
-
-    The Hugging Face forward pools the head at the last non-pad token, which is ambiguous when pad ==
-    EOS; reading the head at every position lets the caller pick the token it means.
-    """
-    backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    )
-    return model.score(hidden.last_hidden_state).squeeze(-1).float()
-
-
 class ActorCritic(nn.Module):
     """The policy and its critic behind one ``forward`` so that DDP syncs both in one backward.
 
     ``forward`` returns the policy's logits and the values for the ``response_length`` positions that
-    predict the response tokens (position t predicts token t + 1).
+    predict the response tokens (position t predicts token t + 1).  ``save_pretrained`` writes the
+    policy in Hugging Face format and the critic beside it (``value_model/`` or ``value_head.pt``).
     """
 
     def __init__(self, policy: nn.Module, value_model: nn.Module | None = None):
         super().__init__()
         self.policy = policy
-        self.value_model = value_model
+        self.value_model = None if value_model is None else ScalarHead(value_model)
         if value_model is None:  # value head on the policy's last hidden state
             hidden = policy.config.get_text_config().hidden_size
             self.value_head = nn.Linear(hidden, 1)
@@ -167,8 +165,15 @@ class ActorCritic(nn.Module):
         if self.value_head is not None:
             values = self.value_head(out.hidden_states[-1][:, window]).squeeze(-1).float()
         else:
-            values = token_scores(self.value_model, input_ids, attention_mask, position_ids)[:, window]
+            values = self.value_model(input_ids, attention_mask, position_ids)[:, window]
         return logits, values
+
+    def save_pretrained(self, path: str) -> None:
+        self.policy.save_pretrained(path)
+        if self.value_head is not None:
+            torch.save(self.value_head.state_dict(), os.path.join(path, "value_head.pt"))
+        else:
+            self.value_model.model.save_pretrained(os.path.join(path, "value_model"))
 
 
 def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -177,13 +182,9 @@ def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists -> left-padded ``input_ids`` and ``attention_mask`` ``[B, P]``."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p) :] = 1
+    """Token id lists -> left-padded ``input_ids`` and ``attention_mask`` ``[B, P]`` on ``device``."""
+    ids = pad_batch(prompts, pad_id, "left")
+    mask = pad_batch([[1] * len(p) for p in prompts], 0, "left")
     return ids.to(device), mask.to(device)
 
 
@@ -246,14 +247,6 @@ def policy_logprobs(
     )
 
 
-def _all_mean(x: float, world: int) -> float:
-    if world == 1:
-        return x
-    t = torch.tensor([x], dtype=torch.float64)
-    dist.all_reduce(t)
-    return (t / world).item()
-
-
 class PPOTrainer:
     """Holds the four models, the optimizer and the KL controller; :meth:`step` runs one PPO step.
 
@@ -263,9 +256,10 @@ class PPOTrainer:
         reward_model: a one-label sequence-classification model (frozen), or None with ``reward_fn``.
         value_model: a one-label sequence-classification model trained as the critic, or None with
             ``hp.value_model == "policy_head"``.
-        hp: :class:`PPOHyperParams`.
+        hp: :class:`PPOHyperParams` (or a :class:`PPOConfig`).
         eos_id, pad_id: token ids.
-        rank, world_size: the DDP process group (``world_size == 1``: one process).
+        total_steps: PPO steps of the run (the learning rate decays linearly to 0 over them).
+        info: the DDP process group (:class:`rlhf.distributed.DistInfo`); None: one process.
         gold_fn: optional ``gold_fn(prompt_ids, response_ids) -> list[float]`` (lists of token ids), a
             programmatic gold score logged beside the proxy reward as ``objective/gold``.
         reward_fn: optional ``reward_fn(prompt_ids, response_ids) -> list[float]``, a rule-based reward
@@ -283,33 +277,37 @@ class PPOTrainer:
         eos_id: int,
         pad_id: int,
         total_steps: int,
-        rank: int = 0,
-        world_size: int = 1,
+        info: DistInfo | None = None,
         gold_fn=None,
         reward_fn=None,
     ):
         self.hp, self.eos_id, self.pad_id = hp, eos_id, pad_id
-        self.rank, self.world_size, self.gold_fn, self.reward_fn = rank, world_size, gold_fn, reward_fn
+        self.info = info or DistInfo()
+        self.gold_fn, self.reward_fn = gold_fn, reward_fn
+        world = self.info.world_size
         if (reward_model is None) == (reward_fn is None):
             raise ValueError("give exactly one of reward_model and reward_fn")
-        if hp.rollout_batch_size % world_size or hp.mini_batch_size % world_size:
+        if hp.rollout_batch_size % world or hp.mini_batch_size % world:
             raise ValueError(
                 f"rollout_batch_size ({hp.rollout_batch_size}) and mini_batch_size ({hp.mini_batch_size}) "
-                f"must be multiples of the number of processes ({world_size})"
+                f"must be multiples of the number of processes ({world})"
             )
         if hp.rollout_batch_size % hp.mini_batch_size:
             raise ValueError(
-                f"rollout_batch_size ({hp.rollout_batch_size}) must be a multiple of mini_batch_size ({hp.mini_batch_size})"
+                f"rollout_batch_size ({hp.rollout_batch_size}) must be a multiple of "
+                f"mini_batch_size ({hp.mini_batch_size})"
             )
         if hp.value_model not in ("reward", "policy_head"):
             raise ValueError(f"value_model must be 'reward' or 'policy_head', got {hp.value_model!r}")
-        self.ref_policy, self.reward_model = ref_policy.eval().requires_grad_(False), reward_model
+        if hp.value_model == "reward" and value_model is None:
+            raise ValueError("value_model='reward' needs a value model (initialised from the reward model)")
+        self.ref_policy = ref_policy.eval().requires_grad_(False)
+        self.reward_model = None
         if reward_model is not None:
-            reward_model.eval().requires_grad_(False)
+            self.reward_model = ScalarHead(reward_model.eval().requires_grad_(False))
         self.actor_critic = ActorCritic(policy, value_model if hp.value_model == "reward" else None)
-        self.model = self.actor_critic
-        if world_size > 1:
-            self.model = nn.parallel.DistributedDataParallel(self.actor_critic)
+        self.actor_critic.to(next(policy.parameters()).device)
+        self.model = wrap_ddp(self.actor_critic, self.info)
         critic_params = [p for n, p in self.actor_critic.named_parameters() if not n.startswith("policy.")]
         self.optimizer = torch.optim.AdamW(
             [
@@ -331,23 +329,6 @@ class PPOTrainer:
     @property
     def policy(self):
         return self.actor_critic.policy
-
-    def state_dict(self) -> dict:
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "kl_coef": self.kl_ctl.value,
-            "value_head": None
-            if self.actor_critic.value_head is None
-            else self.actor_critic.value_head.state_dict(),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.kl_ctl.value = state["kl_coef"]
-        if state.get("value_head") is not None:
-            self.actor_critic.value_head.load_state_dict(state["value_head"])
 
     # ---------------------------------------------------------------- one step
     def step(self, prompts: list[list[int]]) -> dict[str, float]:
@@ -381,6 +362,7 @@ class PPOTrainer:
         labels = responses.masked_fill(~response_mask, -100)
         last = response_mask.sum(1) - 1  # index of the last response token
         rows = torch.arange(B, device=device)
+        response_lists = [r[m].tolist() for r, m in zip(responses, response_mask)]
         with torch.no_grad():
             logits, values = self.actor_critic(input_ids, attention_mask, position_ids, R)
             old_logprobs, entropy = rk.token_logprobs(
@@ -391,13 +373,11 @@ class PPOTrainer:
                 self.ref_policy, input_ids, attention_mask, labels, hp.temperature, backend
             )
             if self.reward_fn is not None:
-                response_lists = [r[m].tolist() for r, m in zip(responses, response_mask)]
                 scores = torch.tensor(
                     self.reward_fn(prompts, response_lists), dtype=torch.float32, device=device
                 )
             else:
-                scores = token_scores(self.reward_model, input_ids, attention_mask, position_ids)[:, -R:]
-                scores = scores[rows, last]
+                scores = self.reward_model(input_ids, attention_mask, position_ids)[:, -R:][rows, last]
         raw_scores = scores.clone()
         if hp.missing_eos_penalty is not None:
             scores = scores - hp.missing_eos_penalty * (~has_eos).float()
@@ -410,13 +390,9 @@ class PPOTrainer:
         # 3. rewards and 4. advantages ----------------------------------------------------------
         t0 = time.perf_counter()
         beta = self.kl_ctl.value
-        kl = (
-            rk.kl_penalty(old_logprobs, ref_logprobs, estimator=hp.kl_estimator, backend=backend)
-            * response_mask
-        )
-        rewards = torch.zeros_like(old_logprobs)
-        if hp.kl_in_reward:
-            rewards = -beta * kl
+        kl = rk.kl_penalty(old_logprobs, ref_logprobs, estimator=hp.kl_estimator, backend=backend)
+        kl = kl * response_mask
+        rewards = -beta * kl if hp.kl_in_reward else torch.zeros_like(old_logprobs)
         rewards[rows, last] += scores
         values = values.masked_fill(~response_mask, 0.0)
         advantages, returns = rk.gae(
@@ -425,11 +401,11 @@ class PPOTrainer:
         if hp.whiten_advantages:
             advantages = rk.masked_whiten(advantages, response_mask, backend=backend)
 
-        # 5. learn ----------------------------------------------------------------------------
+        # 5. learn: ppo_epochs passes over shuffled minibatches ----------------------------------
         self.actor_critic.train()
-        mb = hp.mini_batch_size // self.world_size
+        mb = hp.mini_batch_size // self.info.world_size
         stats = {
-            k: [] for k in ("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "kl_loss")
+            k: [] for k in ("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "kl")
         }
         for _ in range(hp.ppo_epochs):
             order = torch.randperm(B, device=device)
@@ -461,15 +437,15 @@ class PPOTrainer:
                     backend=backend,
                 )
                 loss = pg_loss + hp.vf_coef * vf_loss
-                if not hp.kl_in_reward and beta > 0:
+                if not hp.kl_in_reward:
                     kl_loss = rk.masked_mean(
                         rk.kl_penalty(logprobs, ref_logprobs[idx], estimator="k3", backend=backend), m
                     )
                     loss = loss + beta * kl_loss
-                    stats["kl_loss"].append(kl_loss.item())
+                    stats["kl"].append(kl_loss.item())
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                nn.utils.clip_grad_norm_(self.actor_critic.parameters(), hp.max_grad_norm)
+                clip_grad_norm(self.actor_critic, hp.max_grad_norm)
                 self.optimizer.step()
                 self.scheduler.step()
                 stats["approxkl"].append(pg_stats["approx_kl"].item())
@@ -480,36 +456,205 @@ class PPOTrainer:
                 stats["entropy"].append(rk.masked_mean(new_entropy.detach(), m).item())
         timing["timing/training"] = time.perf_counter() - t0
 
-        # 6. metrics and the KL controller ------------------------------------------------------
+        # 6. metrics (means over processes) and the KL controller ---------------------------------
         seq_kl = (
             rk.kl_penalty(old_logprobs, ref_logprobs, estimator="k1", backend=backend) * response_mask
         ).sum(1)
-        mean = lambda xs: sum(xs) / len(xs) if xs else 0.0
         metrics = {
-            "objective/kl": seq_kl.mean().item(),
-            "objective/entropy": (entropy * response_mask).sum(1).mean().item(),
-            "objective/scores": raw_scores.mean().item(),
-            "objective/non_score_reward": (-beta * kl.sum(1)).mean().item() if hp.kl_in_reward else 0.0,
-            "objective/rlhf_reward": (scores - beta * seq_kl).mean().item(),
-            "objective/kl_coef": beta,
-            "policy/approxkl": mean(stats["approxkl"]),
-            "policy/clipfrac": mean(stats["clipfrac"]),
-            "policy/entropy": mean(stats["entropy"]),
-            "loss/policy": mean(stats["pg_loss"]),
-            "loss/value": mean(stats["vf_loss"]),
-            "val/clipfrac": mean(stats["vf_clipfrac"]),
-            "val/mean": rk.masked_mean(values, response_mask).item(),
-            "val/num_eos_tokens": has_eos.float().sum().item(),
-            "response_length/mean": response_mask.sum(1).float().mean().item(),
-            "lr": self.scheduler.get_last_lr()[0],
+            "objective/kl": seq_kl.mean(),
+            # exact per-token entropy of the sampling distribution, summed over the response
+            "objective/entropy": (entropy * response_mask).sum(1).mean(),
+            "objective/scores": raw_scores.mean(),
+            "objective/non_score_reward": (-beta * kl.sum(1)).mean()
+            if hp.kl_in_reward
+            else torch.tensor(0.0),
+            "objective/rlhf_reward": (scores - beta * seq_kl).mean(),
+            "policy/approxkl": _mean(stats["approxkl"]),
+            "policy/clipfrac": _mean(stats["clipfrac"]),
+            "policy/entropy": _mean(stats["entropy"]),
+            "loss/policy": _mean(stats["pg_loss"]),
+            "loss/value": _mean(stats["vf_loss"]),
+            "val/clipfrac": _mean(stats["vf_clipfrac"]),
+            "val/mean": rk.masked_mean(values, response_mask),
+            "val/eos_fraction": has_eos.float().mean(),
+            "response_length/mean": response_mask.sum(1).float().mean(),
         }
-        if stats["kl_loss"]:
-            metrics["loss/kl"] = mean(stats["kl_loss"])
+        if stats["kl"]:
+            metrics["loss/kl"] = _mean(stats["kl"])
         if self.gold_fn is not None:
-            gold = self.gold_fn(prompts, [r[m].tolist() for r, m in zip(responses, response_mask)])
-            metrics["objective/gold"] = sum(gold) / len(gold)
-        metrics = {k: _all_mean(v, self.world_size) for k, v in metrics.items()}
-        metrics["val/num_eos_tokens"] *= self.world_size  # a count over all processes, not a mean
-        metrics.update(timing)
-        self.kl_ctl.update(metrics["objective/kl"], hp.rollout_batch_size)
-        return metrics
+            metrics["objective/gold"] = _mean(self.gold_fn(prompts, response_lists))
+        names = list(metrics)
+        summed = all_reduce_sum(
+            torch.stack([torch.as_tensor(metrics[k], dtype=torch.float64).cpu() for k in names])
+        )
+        out = {k: (summed[i] / self.info.world_size).item() for i, k in enumerate(names)}
+        out["objective/kl_coef"] = beta
+        out["lr"] = self.scheduler.get_last_lr()[0]
+        out.update(timing)
+        self.kl_ctl.update(out["objective/kl"], hp.rollout_batch_size)
+        return out
+
+
+def _mean(xs) -> float:
+    return float(sum(xs) / len(xs)) if len(xs) else 0.0
+
+
+# ==============================================================================================
+# The `rlhf ppo` command
+
+
+@dataclass
+class PPOConfig(PPOHyperParams, TrainConfig):
+    """PPO settings.  ``model`` is the SFT model (the policy's start and the frozen reference)."""
+
+    output_dir: str = "outputs/ppo"
+    """Where checkpoints, the final policy and metrics.jsonl are written."""
+    reward_model: str = ""
+    """The reward model folder (from ``rlhf reward``); the value model starts from it too."""
+    dataset: str = "builtin"
+    """Prompts for RL (prompt-only, or any format with a ``prompt`` column): a file, a ``datasets`` name,
+    or ``builtin``."""
+    max_length: int = 512
+    """Maximum prompt tokens + 1 (a longer prompt is an error naming the record)."""
+    max_steps: int = 0
+    """PPO steps to run; 0 means derive from ``num_epochs`` passes over the prompts."""
+    logging_steps: int = 1
+    """Log metrics every this many PPO steps."""
+    eval_steps: int = 0
+    """Evaluate (gold score, proxy reward, KL to the reference) every this many steps (0: only at the end)."""
+    eval_prompts: int = 128
+    """Held-out prompts sampled for the evaluation (the built-in task's gold score; proxy and KL always)."""
+
+
+def _load_critic_from(path, reward_model_path, tok, cfg, device):
+    """The value model: from a checkpoint's ``value_model/`` when resuming, else the reward model."""
+    return load_reward_model(
+        path if os.path.isdir(path) else reward_model_path, tok, device, cfg.dtype, cfg.gradient_checkpointing
+    )
+
+
+def train_ppo(cfg: PPOConfig) -> dict:
+    """Run ``rlhf ppo``; returns the last logged metrics (with the final evaluation)."""
+    if not cfg.reward_model and cfg.reward_model != "builtin":
+        raise ValueError("rlhf ppo needs --reward-model <folder written by `rlhf reward`>")
+    run = RunContext(cfg)
+    tok, info, device = run.tokenizer, run.info, run.device
+    if not run.checkpoint:  # each process samples its own responses
+        torch.manual_seed(cfg.seed * 1000 + info.rank)
+    if cfg.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
+    records, eval_records = load_records_for(cfg, "prompts")
+    prompts = [
+        e["prompt_ids"]
+        for e in tokenize_prompts(records, tok, cfg.max_length, name=f"dataset {cfg.dataset!r}")
+    ]
+    if not eval_records:  # built-in task: fresh prompts; otherwise the first training prompts
+        eval_records = (
+            make_prompts(cfg.eval_prompts, seed=cfg.seed + 777) if cfg.dataset == "builtin" else records
+        )
+    eval_texts = [r["prompt"] for r in eval_records[: cfg.eval_prompts] if isinstance(r["prompt"], str)]
+    steps = (
+        cfg.max_steps
+        if cfg.max_steps > 0
+        else max(1, int(cfg.num_epochs * len(prompts)) // cfg.rollout_batch_size)
+    )
+    if len(prompts) < cfg.rollout_batch_size:
+        raise ValueError(
+            f"{len(prompts)} prompts are fewer than one rollout batch of {cfg.rollout_batch_size}"
+        )
+
+    policy = load_policy(run.model_path, tok, device, cfg.dtype, cfg.gradient_checkpointing, seed=cfg.seed)
+    reference = load_reference(cfg.model, tok, device, cfg.dtype, seed=cfg.seed)
+    reward_model = load_reward_model(cfg.reward_model, tok, device, cfg.dtype, trainable=False)
+    value_model = None
+    if cfg.value_model == "reward":
+        value_model = _load_critic_from(
+            os.path.join(run.model_path, "value_model"), cfg.reward_model, tok, cfg, device
+        )
+
+    gold = gold_ids = None
+    if cfg.dataset == "builtin":
+        gold = gold_score
+
+        def gold_ids(prompt_ids, response_ids):
+            return [
+                gold_score(tok.decode(p, skip_special_tokens=True), tok.decode(r, skip_special_tokens=True))
+                for p, r in zip(prompt_ids, response_ids)
+            ]
+
+    trainer = PPOTrainer(
+        policy,
+        reference,
+        reward_model,
+        value_model,
+        cfg,
+        eos_id=tok.eos_token_id,
+        pad_id=tok.pad_token_id,
+        total_steps=steps,
+        info=info,
+        gold_fn=gold_ids,
+    )
+    start, extra = 0, {}
+    if run.checkpoint:
+        start, extra = load_training_state(run.checkpoint, trainer.optimizer, trainer.scheduler, info)
+        trainer.kl_ctl.value = extra["kl_coef"]
+        head = os.path.join(run.checkpoint, "value_head.pt")
+        if trainer.actor_critic.value_head is not None:
+            trainer.actor_critic.value_head.load_state_dict(torch.load(head, weights_only=True))
+
+    def evaluate() -> dict:
+        if not eval_texts:
+            return {}
+        res = evaluate_policy(
+            trainer.policy,
+            reference,
+            reward_model,
+            tok,
+            eval_texts,
+            gold_fn=gold,
+            max_new_tokens=cfg.max_new_tokens,
+            seed=cfg.seed,
+            backend=cfg.kernel_backend,
+        )
+        return {f"eval/{k}": v for k, v in res.items()}
+
+    progress = Progress(steps, initial=start, desc="ppo", enabled=info.is_main and cfg.progress_bar)
+    last: dict = {}
+    for step in range(start, steps):
+        batch = rank_slice(
+            [prompts[i] for i in global_batch_indices(step, len(prompts), cfg.rollout_batch_size, cfg.seed)],
+            info,
+        )
+        metrics = trainer.step(batch)
+        done = step + 1
+        progress.update({k: metrics[k] for k in ("objective/scores", "objective/kl") if k in metrics})
+        if done % max(cfg.logging_steps, 1) == 0 or done in (1, steps):
+            last = run.logger.log(done, metrics)
+        if cfg.eval_steps > 0 and done % cfg.eval_steps == 0 and done != steps:
+            run.logger.log(done, evaluate())
+        if cfg.save_steps > 0 and done % cfg.save_steps == 0 and done != steps:
+            save_checkpoint(
+                cfg.output_dir,
+                done,
+                trainer.model,
+                tok,
+                trainer.optimizer,
+                trainer.scheduler,
+                info,
+                extra={"kl_coef": trainer.kl_ctl.value},
+                total_limit=cfg.save_total_limit,
+            )
+    progress.close()
+    last = {**last, **run.logger.log(steps, evaluate())}
+    save_final(cfg.output_dir, trainer.policy, tok, info)
+    run.close()
+    return last
+
+
+def main(argv: list[str] | None = None) -> int:
+    """PPO from an SFT model against a reward model (rollout, KL-penalised reward, GAE, clipped updates)."""
+    cfg = parse_config(PPOConfig, argv, prog="rlhf ppo", description=main.__doc__)
+    last = train_ppo(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("ppo done:", {k: round(v, 4) if isinstance(v, float) else v for k, v in last.items()})
+    return 0

@@ -1,6 +1,11 @@
 """PPO: a few steps on a tiny local Llama-style model, determinism, the KL controller, EOS masking."""
 
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -34,7 +39,7 @@ def _save_tiny_models(root):
 
 
 @pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
+def ppo_models(tmp_path_factory):
     return _save_tiny_models(tmp_path_factory.mktemp("tiny"))
 
 
@@ -96,9 +101,9 @@ EXPECTED = [
 ]
 
 
-def test_ppo_steps_finite_and_learn(tiny_models):
-    before = transformers.AutoModelForCausalLM.from_pretrained(tiny_models[0]).state_dict()
-    trainer, history = _run(tiny_models, gold_fn=lambda p, r: [float(len(x)) for x in r])
+def test_ppo_steps_finite_and_learn(ppo_models):
+    before = transformers.AutoModelForCausalLM.from_pretrained(ppo_models[0]).state_dict()
+    trainer, history = _run(ppo_models, gold_fn=lambda p, r: [float(len(x)) for x in r])
     for metrics in history:
         for name in EXPECTED + ["objective/gold"]:
             assert name in metrics, name
@@ -135,20 +140,20 @@ def test_ppo_steps_finite_and_learn(tiny_models):
         },
     ],
 )
-def test_ppo_options_run(tiny_models, overrides):
-    _, history = _run(tiny_models, steps=2, **overrides)
+def test_ppo_options_run(ppo_models, overrides):
+    _, history = _run(ppo_models, steps=2, **overrides)
     for metrics in history:
         assert all(math.isfinite(v) for v in metrics.values()), metrics
     if "loss/kl" in history[0] or not overrides.get("kl_in_reward", True):
         assert "loss/kl" in history[-1]
 
 
-def test_ppo_same_seed_same_metrics(tiny_models):
+def test_ppo_same_seed_same_metrics(ppo_models):
     drop_timing = lambda ms: [{k: v for k, v in m.items() if not k.startswith("timing/")} for m in ms]
-    _, first = _run(tiny_models, steps=2, seed=3)
-    _, second = _run(tiny_models, steps=2, seed=3)
+    _, first = _run(ppo_models, steps=2, seed=3)
+    _, second = _run(ppo_models, steps=2, seed=3)
     assert drop_timing(first) == drop_timing(second)
-    _, other = _run(tiny_models, steps=2, seed=4)
+    _, other = _run(ppo_models, steps=2, seed=4)
     assert drop_timing(first) != drop_timing(other)
 
 
@@ -182,11 +187,11 @@ def test_response_ends_at_first_eos():
     assert responses.tolist() == [[9, EOS, PAD, PAD], [9, 10, 11, 12]]
 
 
-def test_ppo_raises_a_rule_based_reward(tiny_models):
+def test_ppo_raises_a_rule_based_reward(ppo_models):
     """PPO must optimise what it is given: reward = fraction of response tokens equal to token 7."""
     target = 7
     reward_fn = lambda prompts, responses: [sum(t == target for t in r) / len(r) for r in responses]
-    policy_path, _ = tiny_models
+    policy_path, _ = ppo_models
     torch.manual_seed(0)
     load_lm = transformers.AutoModelForCausalLM.from_pretrained
     hp = PPOHyperParams(
@@ -213,3 +218,102 @@ def test_ppo_raises_a_rule_based_reward(tiny_models):
     )
     scores = [trainer.step(_prompts(16, seed=s))["objective/scores"] for s in range(12)]
     assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3 + 0.3, scores
+
+
+# ---------------------------------------------------------------------------------------------
+# `rlhf ppo` from the command line: checkpoints, --resume after a kill, torchrun DDP
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _ppo_cmd(model, out, *extra, launcher=(sys.executable, "-m", "rlhf")):
+    return [
+        *launcher,
+        "ppo",
+        "--model",
+        model,
+        "--reward-model",
+        model,
+        "--output-dir",
+        str(out),
+        "--rollout-batch-size",
+        "8",
+        "--mini-batch-size",
+        "4",
+        "--ppo-epochs",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--eval-prompts",
+        "16",
+        "--kernel-backend",
+        "reference",
+        "--no-progress-bar",
+        *extra,
+    ]
+
+
+def _env():
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+
+
+def _records(out):
+    from rlhf.logging import read_metrics
+
+    return [{k: v for k, v in r.items() if not k.startswith("timing/")} for r in read_metrics(str(out))]
+
+
+def test_rlhf_ppo_resumes_after_kill(tiny_models, tmp_path):
+    model = tiny_models["llama"]
+    args = ("--max-steps", "6", "--save-steps", "2")
+    subprocess.run(_ppo_cmd(model, tmp_path / "full", *args), env=_env(), check=True, capture_output=True)
+    full = _records(tmp_path / "full")
+    assert [r["step"] for r in full if "objective/kl" in r] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(v) for r in full for v in r.values())
+    assert os.path.isdir(tmp_path / "full" / "checkpoint-4" / "value_model")
+
+    # Kill a second run as soon as its first checkpoint is complete, then resume it.
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _ppo_cmd(model, out, *args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 120
+    while not (out / "checkpoint-2" / "trainer_state.pt").exists() and proc.poll() is None:
+        assert time.time() < deadline, "no checkpoint written"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (out / "model.safetensors").exists()
+    subprocess.run(_ppo_cmd(model, out, *args, "--resume"), env=_env(), check=True, capture_output=True)
+    assert _records(out) == full
+
+
+def test_rlhf_ppo_ddp_two_processes(tiny_models, tmp_path):
+    launcher = (
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "rlhf",
+    )
+    res = subprocess.run(
+        _ppo_cmd(tiny_models["llama"], tmp_path, "--max-steps", "2", launcher=launcher),
+        check=False,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    records = _records(tmp_path)
+    steps = [r for r in records if "objective/kl" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(math.isfinite(v) for r in records for v in r.values())
+    assert os.path.exists(tmp_path / "model.safetensors")

@@ -19,7 +19,28 @@ def _demo(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"demo": _demo}
+def _sft(argv: list[str]) -> int:
+    """Supervised fine-tuning on completions (default: the built-in task)."""
+    from .sft import main as sft_main
+
+    return sft_main(argv)
+
+
+def _reward(argv: list[str]) -> int:
+    """Train a reward model on preference pairs (Bradley-Terry)."""
+    from .reward import main as reward_main
+
+    return reward_main(argv)
+
+
+def _dpo(argv: list[str]) -> int:
+    """Direct preference optimization from an SFT model."""
+    from .dpo import main as dpo_main
+
+    return dpo_main(argv)
+
+
+COMMANDS = {"demo": _demo, "sft": _sft, "reward": _reward, "dpo": _dpo}
 
 
 def _ppo(argv: list[str]) -> int:

@@ -158,13 +158,16 @@ def train_loop(
         if done % max(cfg.logging_steps, 1) == 0 or done == steps or done == 1:
             last = logger.log(done, metrics)
         if eval_fn is not None and cfg.eval_steps > 0 and done % cfg.eval_steps == 0 and done != steps:
-            logger.log(done, eval_fn())
+            evaluated = eval_fn()
+            if evaluated:
+                logger.log(done, evaluated)
         if cfg.save_steps > 0 and done % cfg.save_steps == 0 and done != steps:
             save_checkpoint(cfg.output_dir, done, model, tokenizer, optimizer, scheduler, info,
                             total_limit=cfg.save_total_limit)
     progress.close()
-    if eval_fn is not None:
-        last = {**last, **logger.log(steps, eval_fn())}
+    evaluated = eval_fn() if eval_fn is not None else {}
+    if evaluated:
+        last = {**last, **logger.log(steps, evaluated)}
     if steps > start_step and cfg.save_steps > 0:
         save_checkpoint(cfg.output_dir, steps, model, tokenizer, optimizer, scheduler, info,
                         total_limit=cfg.save_total_limit)
@@ -190,7 +193,7 @@ BUILTIN_SIZES = {"sft": 4000, "preference": 2000, "prompts": 1000}
 def load_records_for(cfg, kind: str) -> tuple[list[dict], list[dict]]:
     """(train, eval) records for ``kind`` in ``sft | preference | prompts``: ``cfg.dataset`` (or the
     built-in task's data), with ``cfg.eval_dataset`` or an ``eval_fraction`` hold-out as eval."""
-    from .data import load_records, split_holdout
+    from .data import PREFERENCE_FORMATS, SFT_FORMATS, detect_format, load_records, split_holdout
 
     if cfg.dataset == "builtin":
         from . import tasks
@@ -200,6 +203,8 @@ def load_records_for(cfg, kind: str) -> tuple[list[dict], list[dict]]:
         records = make(BUILTIN_SIZES[kind], seed=0)
     else:
         records = load_records(cfg.dataset, cfg.dataset_split)
+    allowed = {"sft": SFT_FORMATS, "preference": PREFERENCE_FORMATS, "prompts": None}[kind]
+    detect_format(records, allowed, f"dataset {cfg.dataset!r}")  # checks every record before any split
     if cfg.eval_dataset:
         return records, load_records(cfg.eval_dataset, cfg.dataset_split)
     return split_holdout(records, cfg.eval_fraction, seed=1234)

@@ -1,6 +1,6 @@
 """The built-in task: "shift each letter by one", with a graded gold scorer and a noisy demonstrator.
 
-A prompt is a word of 3 to 6 letters from ``a``..``l`` followed by ``=``, e.g. ``dbca=``.  The ideal
+A prompt is a word of 4 letters from ``a``..``l`` followed by ``=``, e.g. ``dbca=``.  The ideal
 response replaces each letter by the next one in the alphabet, wrapping ``l`` to ``a``: ``ecdb``.
 
 - Gold scorer (:func:`gold_score`): the fraction of positions that are right, divided by the longer
@@ -25,7 +25,7 @@ import random
 LETTERS = "abcdefghijkl"
 SEPARATOR = "="
 SPECIAL = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
-MIN_LEN, MAX_LEN = 3, 6
+MIN_LEN, MAX_LEN = 4, 4
 GOLD_TASK = "shift"
 
 # A chat template, so the `messages` format works with the built-in tokenizer too: the user's

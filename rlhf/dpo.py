@@ -1,0 +1,172 @@
+"""Direct Preference Optimization (Rafailov et al., 2023) from an SFT model, with a frozen reference.
+
+Per pair, with log-probs summed over the response tokens (``rlhf_kernels.token_logprobs``)::
+
+    h = (log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))
+    sigmoid loss = -log sigmoid(beta * h)            (also ipo, hinge, robust: rlhf_kernels.dpo_loss)
+
+The reference log-probs are computed once, before training (the reference never changes).  Logged
+as TRL users expect: ``rewards/chosen`` = beta * (log pi - log ref) on chosen responses,
+``rewards/rejected``, ``rewards/accuracies`` (chosen reward > rejected), ``rewards/margins``.
+
+    rlhf dpo --model outputs/sft --output-dir outputs/dpo        # built-in task preference pairs
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import rlhf_kernels as rk
+
+from .config import TrainConfig, parse_config
+from .data import collate_preference, tokenize_preference
+from .distributed import all_gather_cat, wrap_ddp
+from .models import load_policy, load_reference, sequence_logprobs, unwrap
+from .trainer_utils import (
+    RunContext,
+    build_optimizer,
+    build_scheduler,
+    global_batch_size,
+    load_records_for,
+    resume_state,
+    total_steps,
+    train_loop,
+)
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """DPO settings."""
+
+    model: str = "outputs/sft"
+    """The SFT model to start from."""
+    ref_model: str | None = None
+    """The frozen reference model; defaults to ``model`` (the SFT model)."""
+    output_dir: str = "outputs/dpo"
+    """Where checkpoints, the final policy and metrics.jsonl are written."""
+    beta: float = 0.1
+    """Strength of the implicit KL constraint to the reference."""
+    loss_type: str = "sigmoid"
+    """``sigmoid`` (DPO), ``ipo``, ``hinge`` or ``robust``."""
+    label_smoothing: float = 0.0
+    """Assumed fraction of flipped labels in [0, 0.5) (cDPO / robust DPO)."""
+    max_length: int = 32
+    """Maximum tokens per sequence (prompt + response); responses are cut to fit, prompts never."""
+    per_device_batch_size: int = 32
+    """Pairs per micro-batch on each process."""
+    lr: float = 5e-4
+    """Peak learning rate of AdamW."""
+    warmup_steps: int = 10
+    """Linear warmup steps from 0 to ``lr``."""
+    num_epochs: float = 2.0
+    """Passes over the training pairs (ignored when ``max_steps`` > 0)."""
+    eval_fraction: float = 0.05
+    """Fraction of the pairs held out for eval/loss and eval/rewards/accuracies."""
+    gold_eval_prompts: int = 256
+    """Built-in task only: held-out prompts sampled (temperature 1) to report gold/mean_score."""
+
+
+def pair_logprobs(model, examples: list[dict], pad_id: int, cfg, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log pi(chosen) [B], log pi(rejected) [B]) summed over response tokens, one forward pass."""
+    batch = {k: v.to(device) for k, v in collate_preference(examples, pad_id, cfg.padding_side).items()}
+    lp = sequence_logprobs(model, batch, backend=cfg.kernel_backend)
+    return lp[: len(examples)], lp[len(examples):]
+
+
+@torch.no_grad()
+def add_reference_logprobs(ref, examples: list[dict], pad_id: int, cfg, info) -> None:
+    """Store ``ref_chosen`` / ``ref_rejected`` on every example; each rank computes a contiguous
+    share and the shares are gathered, so every rank ends with all of them."""
+    n, w = len(examples), info.world_size
+    bounds = [n * r // w for r in range(w + 1)]
+    mine = examples[bounds[info.rank]:bounds[info.rank + 1]]
+    parts = []
+    for i in range(0, len(mine), cfg.per_device_batch_size):
+        c, r = pair_logprobs(ref, mine[i:i + cfg.per_device_batch_size], pad_id, cfg, info.device)
+        parts.append(torch.stack([c, r], -1))
+    local = torch.cat(parts) if parts else torch.zeros(0, 2, device=info.device)
+    every = all_gather_cat(local, [bounds[r + 1] - bounds[r] for r in range(w)]).cpu()
+    for ex, (c, r) in zip(examples, every.tolist()):
+        ex["ref_chosen"], ex["ref_rejected"] = c, r
+
+
+def dpo_terms(model, examples, pad_id, cfg, device):
+    """(losses [B], chosen_rewards [B], rejected_rewards [B], policy log-probs) for a micro-batch."""
+    pi_c, pi_r = pair_logprobs(model, examples, pad_id, cfg, device)
+    ref_c = torch.tensor([e["ref_chosen"] for e in examples], device=pi_c.device)
+    ref_r = torch.tensor([e["ref_rejected"] for e in examples], device=pi_c.device)
+    losses, rew_c, rew_r = rk.dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=cfg.beta, loss_type=cfg.loss_type,
+                                       label_smoothing=cfg.label_smoothing, backend=cfg.kernel_backend)
+    return losses, rew_c.detach(), rew_r.detach(), pi_c.detach(), pi_r.detach()
+
+
+def train_dpo(cfg: DPOConfig) -> dict:
+    # Fail before the (slow) reference pass on settings rlhf_kernels.dpo_loss would reject.
+    if cfg.loss_type not in ("sigmoid", "ipo", "hinge", "robust"):
+        raise ValueError(f"loss_type must be one of sigmoid, ipo, hinge, robust; got {cfg.loss_type!r}")
+    if cfg.beta <= 0:
+        raise ValueError(f"beta must be > 0, got {cfg.beta}")
+    run = RunContext(cfg)
+    tok, info = run.tokenizer, run.info
+    train_records, eval_records = load_records_for(cfg, "preference")
+    train = tokenize_preference(train_records, tok, cfg.max_length, f"dataset {cfg.dataset!r}")
+    held_out = tokenize_preference(eval_records, tok, cfg.max_length, "eval dataset") if eval_records else []
+
+    ref = load_reference(cfg.ref_model or cfg.model, tok, info.device, cfg.dtype)
+    add_reference_logprobs(ref, train + held_out, tok.pad_token_id, cfg, info)
+    del ref  # computed once; not needed any more
+
+    policy = load_policy(run.model_path, tok, info.device, cfg.dtype, cfg.gradient_checkpointing)
+    model = wrap_ddp(policy, info)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, total_steps(cfg, len(train), global_batch_size(cfg, info)))
+    start = resume_state(cfg, optimizer, scheduler, info, run.checkpoint)
+
+    def loss_fn(examples):
+        losses, rew_c, rew_r, pi_c, pi_r = dpo_terms(model, examples, tok.pad_token_id, cfg, info.device)
+        return losses.sum(), {
+            "loss": losses.detach().sum(),
+            "rewards/chosen": rew_c.sum(),
+            "rewards/rejected": rew_r.sum(),
+            "rewards/accuracies": (rew_c > rew_r).float().sum(),
+            "rewards/margins": (rew_c - rew_r).sum(),
+            "logps/chosen": pi_c.sum(),
+            "logps/rejected": pi_r.sum(),
+        }
+
+    def normalizer(examples):  # pairs in the global batch
+        return len(examples)
+
+    @torch.no_grad()
+    def evaluate():
+        metrics = {}
+        if held_out:
+            sums = torch.zeros(3)
+            for i in range(0, len(held_out), cfg.per_device_batch_size):
+                losses, rc, rr, _, _ = dpo_terms(unwrap(model), held_out[i:i + cfg.per_device_batch_size],
+                                                 tok.pad_token_id, cfg, info.device)
+                sums += torch.stack([losses.sum(), (rc > rr).float().sum(), (rc - rr).sum()]).cpu()
+            metrics.update({"eval/loss": float(sums[0]) / len(held_out),
+                            "eval/rewards/accuracies": float(sums[1]) / len(held_out),
+                            "eval/rewards/margins": float(sums[2]) / len(held_out)})
+        if cfg.dataset == "builtin" and cfg.gold_eval_prompts > 0:
+            from .tasks import evaluate_gold
+
+            metrics.update(evaluate_gold(unwrap(model), tok, cfg.gold_eval_prompts, seed=cfg.seed))
+        return metrics
+
+    last = train_loop(cfg=cfg, info=info, model=model, optimizer=optimizer, scheduler=scheduler,
+                      examples=train, loss_fn=loss_fn, normalizer=normalizer, tokenizer=tok,
+                      logger=run.logger, start_step=start, eval_fn=evaluate, desc="dpo")
+    run.close()
+    return last
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Direct preference optimization from an SFT model."""
+    cfg = parse_config(DPOConfig, argv, prog="rlhf dpo", description=__doc__.split("\n\n")[0])
+    last = train_dpo(cfg)
+    print("dpo done:", {k: round(v, 4) if isinstance(v, float) else v for k, v in last.items()})
+    return 0

@@ -1,0 +1,139 @@
+"""Reward model: a scalar head on the SFT model trained with the Bradley-Terry pairwise loss.
+
+    loss = -log sigmoid(r(x, y_chosen) - r(x, y_rejected) - margin)
+
+(InstructGPT, Ouyang et al. 2022; the optional per-pair ``margin`` column as in Llama 2).  r is the
+head's output at the last real token.  The held-out pairwise accuracy (r_chosen > r_rejected) is
+logged as ``eval/accuracy``; for data with gold scores (the built-in task), also ``eval/accuracy_gold``,
+the accuracy against the true ordering rather than the noisy labels.
+
+    rlhf reward --model outputs/sft --output-dir outputs/rm      # built-in task preference pairs
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import TrainConfig, parse_config
+from .data import collate_preference, tokenize_preference
+from .distributed import wrap_ddp
+from .models import ScalarHead, load_reward_model, sequence_rewards
+from .trainer_utils import (
+    RunContext,
+    build_optimizer,
+    build_scheduler,
+    global_batch_size,
+    load_records_for,
+    resume_state,
+    total_steps,
+    train_loop,
+)
+
+
+@dataclass
+class RewardConfig(TrainConfig):
+    """Reward-model settings."""
+
+    model: str = "outputs/sft"
+    """The SFT model to initialise from (its body is loaded; the scalar head is new)."""
+    output_dir: str = "outputs/rm"
+    """Where checkpoints, the final reward model and metrics.jsonl are written."""
+    max_length: int = 32
+    """Maximum tokens per sequence (prompt + response); responses are cut to fit, prompts never."""
+    per_device_batch_size: int = 32
+    """Pairs per micro-batch on each process."""
+    lr: float = 1e-3
+    """Peak learning rate of AdamW."""
+    warmup_steps: int = 10
+    """Linear warmup steps from 0 to ``lr``."""
+    num_epochs: float = 2.0
+    """Passes over the training pairs (ignored when ``max_steps`` > 0)."""
+    eval_fraction: float = 0.1
+    """Fraction of the pairs held out to measure pairwise accuracy."""
+    margin_column: str = "margin"
+    """Column with a per-pair margin subtracted inside the sigmoid, when the data has it."""
+
+
+def attach_columns(tokenized: list[dict], records: list[dict], columns: tuple[str, ...]) -> list[dict]:
+    """Copy numeric ``columns`` (margin, gold scores) from the records onto the tokenized examples."""
+    for ex, rec in zip(tokenized, records):
+        for c in columns:
+            if c in rec and rec[c] is not None:
+                ex[c] = float(rec[c])
+    return tokenized
+
+
+def pair_rewards(model, examples: list[dict], pad_id: int, cfg, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen [B], r_rejected [B]): chosen and rejected scored in one forward pass."""
+    batch = {k: v.to(device) for k, v in collate_preference(examples, pad_id, cfg.padding_side).items()}
+    r = sequence_rewards(model, batch)
+    return r[: len(examples)], r[len(examples):]
+
+
+def train_reward(cfg: RewardConfig) -> dict:
+    run = RunContext(cfg)
+    tok, info = run.tokenizer, run.info
+    train_records, eval_records = load_records_for(cfg, "preference")
+    columns = (cfg.margin_column, "gold_chosen", "gold_rejected")
+    train = attach_columns(tokenize_preference(train_records, tok, cfg.max_length, f"dataset {cfg.dataset!r}"),
+                           train_records, columns)
+    held_out = attach_columns(tokenize_preference(eval_records, tok, cfg.max_length, "eval dataset"),
+                              eval_records, columns) if eval_records else []
+
+    hf_model = load_reward_model(run.model_path, tok, info.device, cfg.dtype, cfg.gradient_checkpointing)
+    model = wrap_ddp(ScalarHead(hf_model), info)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, total_steps(cfg, len(train), global_batch_size(cfg, info)))
+    start = resume_state(cfg, optimizer, scheduler, info, run.checkpoint)
+
+    def loss_fn(examples):
+        r_chosen, r_rejected = pair_rewards(model, examples, tok.pad_token_id, cfg, info.device)
+        margin = torch.tensor([e.get(cfg.margin_column, 0.0) for e in examples], device=r_chosen.device)
+        losses = -F.logsigmoid(r_chosen - r_rejected - margin)
+        d_c, d_r = r_chosen.detach(), r_rejected.detach()
+        return losses.sum(), {
+            "loss": losses.detach().sum(),
+            "accuracy": (d_c > d_r).float().sum(),
+            "rewards/chosen": d_c.sum(),
+            "rewards/rejected": d_r.sum(),
+            "rewards/margins": (d_c - d_r).sum(),
+        }
+
+    @torch.no_grad()
+    def evaluate():
+        if not held_out:
+            return {}
+        inner = ScalarHead(hf_model)
+        rc, rr = [], []
+        for i in range(0, len(held_out), cfg.per_device_batch_size):
+            a, b = pair_rewards(inner, held_out[i:i + cfg.per_device_batch_size], tok.pad_token_id, cfg, info.device)
+            rc.append(a)
+            rr.append(b)
+        rc, rr = torch.cat(rc).cpu(), torch.cat(rr).cpu()
+        margin = torch.tensor([e.get(cfg.margin_column, 0.0) for e in held_out])
+        metrics = {"eval/loss": float(-F.logsigmoid(rc - rr - margin).mean()),
+                   "eval/accuracy": float((rc > rr).float().mean())}
+        if all("gold_chosen" in e and "gold_rejected" in e for e in held_out):
+            gold_order = torch.tensor([e["gold_chosen"] > e["gold_rejected"] for e in held_out])
+            metrics["eval/accuracy_gold"] = float(((rc > rr) == gold_order).float().mean())
+        return metrics
+
+    def normalizer(examples):  # pairs in the global batch
+        return len(examples)
+
+    last = train_loop(cfg=cfg, info=info, model=model, optimizer=optimizer, scheduler=scheduler,
+                      examples=train, loss_fn=loss_fn, normalizer=normalizer, tokenizer=tok,
+                      logger=run.logger, start_step=start, eval_fn=evaluate, desc="reward")
+    run.close()
+    return last
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train a reward model on preference pairs (Bradley-Terry)."""
+    cfg = parse_config(RewardConfig, argv, prog="rlhf reward", description=__doc__.split("\n\n")[0])
+    last = train_reward(cfg)
+    print("reward done:", {k: round(v, 4) if isinstance(v, float) else v for k, v in last.items()})
+    return 0

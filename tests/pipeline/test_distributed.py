@@ -1,0 +1,55 @@
+"""SFT and DPO under ``torchrun --nproc_per_node=2`` on CPU (gloo) give the same loss curve as one
+process with the same global batch (2 processes x 2 sequences x 2 accumulation steps = 1 x 8)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rlhf.dpo import DPOConfig, train_dpo
+from rlhf.logging import read_metrics
+from rlhf.sft import SFTConfig, train_sft
+
+from .helpers import write_jsonl
+from .test_trainers import pref_records, sft_records
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+COMMON = ["--max-steps", "4", "--logging-steps", "1", "--lr", "1e-2", "--max-length", "16",
+          "--eval-fraction", "0", "--no-progress-bar", "--lr-scheduler", "linear", "--warmup-steps", "1"]
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_torchrun_two_processes_match_one(tmp_path, tiny_models, stage):
+    from transformers import AutoModelForCausalLM
+
+    records = sft_records("prompt_completion") if stage == "sft" else pref_records("explicit")
+    data = write_jsonl(tmp_path / "d.jsonl", records)
+    model = tiny_models["llama"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+
+    cfg_cls, train = (SFTConfig, train_sft) if stage == "sft" else (DPOConfig, train_dpo)
+    train(cfg_cls(model=model, dataset=data, output_dir=one, max_steps=4, logging_steps=1, lr=1e-2,
+                  max_length=16, eval_fraction=0.0, progress_bar=False, lr_scheduler="linear", warmup_steps=1,
+                  per_device_batch_size=8, gradient_accumulation_steps=1))
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "rlhf", stage, "--model", model, "--dataset", data, "--output-dir", two,
+           "--per-device-batch-size", "2", "--gradient-accumulation-steps", "2", *COMMON]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=str(tmp_path))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+    a = [r for r in read_metrics(one) if "loss" in r]
+    b = [r for r in read_metrics(two) if "loss" in r]
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
+    keys = ["loss", "grad_norm"] + (["rewards/chosen", "rewards/accuracies"] if stage == "dpo" else [])
+    for ra, rb in zip(a, b):
+        for k in keys:
+            assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), (ra["step"], k, ra[k], rb[k])
+    ma, mb = AutoModelForCausalLM.from_pretrained(one), AutoModelForCausalLM.from_pretrained(two)
+    m0 = AutoModelForCausalLM.from_pretrained(model)
+    assert not torch.allclose(ma.model.embed_tokens.weight, m0.model.embed_tokens.weight)  # it trained
+    for (n, x), (_, y) in zip(ma.state_dict().items(), mb.state_dict().items()):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=n)

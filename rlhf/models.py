@@ -40,7 +40,7 @@ def check_model_path(path: str, what: str = "model") -> None:
     """A clear error for a local path that does not exist (instead of a Hub lookup failure)."""
     if path == BUILTIN:
         return
-    looks_local = path.startswith((".", "/", "~")) or os.path.sep in path and path.count("/") != 1
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
     if looks_local and not os.path.exists(os.path.expanduser(path)):
         raise FileNotFoundError(f"{what} path {path!r} does not exist")
 
@@ -49,8 +49,12 @@ def _from_pretrained(loader, path: str, what: str, **kw):
     check_model_path(path, what)
     try:
         return loader.from_pretrained(os.path.expanduser(path), **kw)
-    except OSError as e:
-        raise FileNotFoundError(f"could not load {what} from {path!r}: {e}") from e
+    except Exception as e:
+        if os.path.exists(os.path.expanduser(path)):
+            raise
+        # "org/name" that is neither a local folder nor reachable on the Hub
+        raise FileNotFoundError(f"{what} path {path!r} does not exist locally and could not be loaded "
+                                f"from the Hugging Face Hub ({type(e).__name__}: {e})") from e
 
 
 def load_tokenizer(path: str):

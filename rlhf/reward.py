@@ -49,7 +49,7 @@ class RewardConfig(TrainConfig):
     """Peak learning rate of AdamW."""
     warmup_steps: int = 10
     """Linear warmup steps from 0 to ``lr``."""
-    num_epochs: float = 2.0
+    num_epochs: float = 3.0
     """Passes over the training pairs (ignored when ``max_steps`` > 0)."""
     eval_fraction: float = 0.1
     """Fraction of the pairs held out to measure pairwise accuracy."""

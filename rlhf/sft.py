@@ -46,7 +46,7 @@ class SFTConfig(TrainConfig):
     """Peak learning rate of AdamW."""
     warmup_steps: int = 20
     """Linear warmup steps from 0 to ``lr``."""
-    num_epochs: float = 3.0
+    num_epochs: float = 2.0
     """Passes over the training data (ignored when ``max_steps`` > 0)."""
     eval_fraction: float = 0.05
     """Fraction of the data held out to report eval/loss."""

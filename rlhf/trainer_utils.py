@@ -187,7 +187,7 @@ def resume_state(cfg, optimizer, scheduler, info: DistInfo, checkpoint: str | No
 # Run setup shared by the trainers
 
 
-BUILTIN_SIZES = {"sft": 4000, "preference": 2000, "prompts": 1000}
+BUILTIN_SIZES = {"sft": 4000, "preference": 6000, "prompts": 1000}
 
 
 def load_records_for(cfg, kind: str) -> tuple[list[dict], list[dict]]:

@@ -9,8 +9,8 @@ response replaces each letter by the next one in the alphabet, wrapping ``l`` to
 - Demonstrations (:func:`make_demonstrations`): written by a careless demonstrator that gets each
   letter right with probability ``p_correct`` (0.5) and otherwise writes a random letter.  SFT learns
   to imitate it, so a sampled SFT response scores about 0.5-0.55: room for preference training.
-- Preference pairs (:func:`make_preference_pairs`): two responses sampled from that demonstrator
-  for the same prompt, ordered by the gold scorer, with ``flip`` (25%) of the labels flipped, since
+- Preference pairs (:func:`make_preference_pairs`): two responses for the same prompt sampled from
+  demonstrators of varied care (per-letter accuracy uniform in 0.1..0.9, mean 0.5), ordered by the gold scorer, with ``flip`` (25%) of the labels flipped, since
   human raters agree only about 73% of the time (InstructGPT).  Ties are not used.
 - Prompts (:func:`make_prompts`): prompt-only records for RL.
 
@@ -80,11 +80,14 @@ def make_demonstrations(n: int, seed: int = 0, p_correct: float = 0.5) -> list[d
     return out
 
 
-def make_preference_pairs(n: int, seed: int = 0, flip: float = 0.25, p_correct: float = 0.5) -> list[dict]:
+def make_preference_pairs(n: int, seed: int = 0, flip: float = 0.25,
+                          p_correct: tuple[float, float] = (0.1, 0.9)) -> list[dict]:
     """``n`` records ``{"prompt", "chosen", "rejected", "gold_chosen", "gold_rejected"}``.
 
-    Both responses are sampled from the demonstrator (the distribution SFT imitates); the one with
-    the higher gold score is chosen, except that a fraction ``flip`` of labels are swapped.
+    Each response is sampled from a demonstrator whose per-letter accuracy is drawn uniformly from
+    ``p_correct`` (responses of varied quality, as InstructGPT compared samples from several
+    policies; the mean is the SFT demonstrator's 0.5); the one with the higher gold score is chosen,
+    except that a fraction ``flip`` of labels are swapped.
     ``gold_chosen``/``gold_rejected`` keep the true scores so accuracy against gold can be measured.
     """
     rng = random.Random(f"pairs-{seed}")
@@ -92,7 +95,8 @@ def make_preference_pairs(n: int, seed: int = 0, flip: float = 0.25, p_correct: 
     while len(out) < n:
         word = _random_word(rng)
         prompt = word + SEPARATOR
-        a, b = demonstrator_response(word, rng, p_correct), demonstrator_response(word, rng, p_correct)
+        a = demonstrator_response(word, rng, rng.uniform(*p_correct))
+        b = demonstrator_response(word, rng, rng.uniform(*p_correct))
         ga, gb = gold_score(prompt, a), gold_score(prompt, b)
         if ga == gb:
             continue

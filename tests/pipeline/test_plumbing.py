@@ -232,3 +232,21 @@ def test_demonstrations_are_imperfect_but_informative():
     mean = sum(tasks.gold_score(d["prompt"], d["completion"]) for d in demos) / len(demos)
     assert 0.5 < mean < 0.6  # 0.5 right on purpose + 0.5 * 1/12 by chance
     assert math.isclose(mean, 0.5 + 0.5 / 12, abs_tol=0.03)
+
+
+@pytest.mark.parametrize("command", ["sft", "reward", "dpo"])
+def test_command_help(command, capsys):
+    from rlhf.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    assert "--output-dir" in capsys.readouterr().out
+    assert main([]) == 2 and command in capsys.readouterr().out
+
+
+def test_relative_model_path_that_does_not_exist(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="'outputs/sft' does not exist"):
+        models.load_reward_model("outputs/sft")

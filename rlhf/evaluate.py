@@ -10,6 +10,7 @@ import torch
 
 import rlhf_kernels as rk
 
+from .data import tokenize_prompts
 from .models import ScalarHead
 
 
@@ -19,7 +20,7 @@ def evaluate_policy(
     sft_policy,
     reward_model,
     tokenizer,
-    prompts: list[str],
+    prompts: list,
     *,
     gold_fn=None,
     max_new_tokens: int = 16,
@@ -28,6 +29,8 @@ def evaluate_policy(
     backend: str = "auto",
 ) -> dict[str, float]:
     """Mean gold score (when ``gold_fn(prompt, response)`` is given), proxy reward, KL to SFT, length.
+
+    ``prompts`` are strings or chat message lists, encoded as ``rlhf ppo`` encodes its prompts.
 
     The sampling RNG is forked so that evaluating does not change the caller's random stream.
     """
@@ -45,7 +48,9 @@ def evaluate_policy(
         torch.manual_seed(seed)
         for start in range(0, len(prompts), batch_size):
             texts = prompts[start : start + batch_size]
-            ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+            ids = [
+                e["prompt_ids"] for e in tokenize_prompts([{"prompt": t} for t in texts], tokenizer, 10**9)
+            ]
             prompt_ids, prompt_mask = left_pad(ids, pad_id, device)
             responses, response_mask, _ = generate_responses(
                 policy, prompt_ids, prompt_mask, eos_id=eos_id, pad_id=pad_id, max_new_tokens=max_new_tokens

@@ -552,7 +552,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
         eval_records = (
             make_prompts(cfg.eval_prompts, seed=cfg.seed + 777) if cfg.dataset == "builtin" else records
         )
-    eval_texts = [r["prompt"] for r in eval_records[: cfg.eval_prompts] if isinstance(r["prompt"], str)]
+    eval_texts = [r["prompt"] for r in eval_records[: cfg.eval_prompts]]
     steps = (
         cfg.max_steps
         if cfg.max_steps > 0

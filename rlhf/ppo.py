@@ -618,6 +618,8 @@ def train_ppo(cfg: PPOConfig) -> dict:
         )
         return {f"eval/{k}": v for k, v in res.items()}
 
+    if start == 0 and cfg.eval_steps > 0:  # the starting point (KL 0) of the gold/proxy-vs-KL curve
+        run.logger.log(0, evaluate())
     progress = Progress(steps, initial=start, desc="ppo", enabled=info.is_main and cfg.progress_bar)
     last: dict = {}
     for step in range(start, steps):

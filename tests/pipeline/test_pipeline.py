@@ -55,8 +55,9 @@ def test_rlhf_pipeline_smoke(tmp_path):
         assert report["results"][stage]["kl_to_sft"] != 0.0
     # the over-optimisation curve: gold and proxy logged against KL during PPO, with and without the penalty
     for curve in (report["ppo_curve"], report["ppo_no_kl_curve"]):
-        assert [c["step"] for c in curve] == [1, 2]
+        assert [c["step"] for c in curve] == [0, 1, 2]
         assert all(math.isfinite(c[k]) for c in curve for k in ("gold", "proxy", "kl_to_sft"))
+        assert curve[0]["kl_to_sft"] == 0.0  # step 0 is the SFT model itself
     assert report["stages"]["ppo_no_kl"]["last"]["objective/kl_coef"] == 0.0
     assert report["stages"]["ppo"]["last"]["objective/kl_coef"] > 0.0
     try:

@@ -60,10 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--ppo-eval-steps", type=int, default=10, help="evaluate gold/proxy/KL during PPO every N steps"
     )
     p.add_argument(
-        "--no-kl-run",
+        "--kl-off-run",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also run PPO with the KL penalty off (over-optimisation)",
+        help="also run PPO with the KL penalty off, to show over-optimisation (--no-kl-off-run skips it)",
     )
     p.add_argument(
         "--eval-prompts", type=int, default=256, help="held-out prompts sampled per model for the report"
@@ -201,7 +201,7 @@ def run_pipeline(args) -> dict:
     )
     stage("ppo", train_ppo, PPOConfig(output_dir=paths["ppo"], **ppo_kw))
     runs = ["sft", "ppo"]
-    if args.no_kl_run:
+    if args.kl_off_run:
         stage("ppo_no_kl", train_ppo, PPOConfig(output_dir=paths["ppo_no_kl"], **{**ppo_kw, "kl_coef": 0.0}))
         runs.append("ppo_no_kl")
     stage(
@@ -260,7 +260,7 @@ def run_pipeline(args) -> dict:
     )
     summary["results"] = results
     summary["ppo_curve"] = _ppo_curve(paths["ppo"])
-    if args.no_kl_run:
+    if args.kl_off_run:
         summary["ppo_no_kl_curve"] = _ppo_curve(paths["ppo_no_kl"])
     summary["seconds"] = time.time() - t_all
     summary["device"] = str(device)

@@ -535,7 +535,7 @@ def _load_critic_from(path, reward_model_path, tok, cfg, device):
 
 def train_ppo(cfg: PPOConfig) -> dict:
     """Run ``rlhf ppo``; returns the last logged metrics (with the final evaluation)."""
-    if not cfg.reward_model and cfg.reward_model != "builtin":
+    if not cfg.reward_model:
         raise ValueError("rlhf ppo needs --reward-model <folder written by `rlhf reward`>")
     run = RunContext(cfg)
     tok, info, device = run.tokenizer, run.info, run.device

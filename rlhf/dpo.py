@@ -56,7 +56,7 @@ class DPOConfig(TrainConfig):
     """Maximum tokens per sequence (prompt + response); responses are cut to fit, prompts never."""
     per_device_batch_size: int = 32
     """Pairs per micro-batch on each process."""
-    lr: float = 5e-4
+    lr: float = 2e-4
     """Peak learning rate of AdamW."""
     warmup_steps: int = 10
     """Linear warmup steps from 0 to ``lr``."""

@@ -40,7 +40,8 @@ def check_model_path(path: str, what: str = "model") -> None:
     """A clear error for a local path that does not exist (instead of a Hub lookup failure)."""
     if path == BUILTIN:
         return
-    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
+    # "org/name" may be a Hub id; "outputs/sft" where ./outputs exists is meant as a local folder.
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or os.path.isdir(path.split("/")[0])
     if looks_local and not os.path.exists(os.path.expanduser(path)):
         raise FileNotFoundError(f"{what} path {path!r} does not exist")
 

@@ -3,12 +3,17 @@
 Both use the built-in character tokenizer; the GPT-2-style one is saved WITHOUT a pad token (as
 GPT-2's own tokenizer is) so the pipeline's pad-token fallback is exercised."""
 
-import os
-
 import pytest
 import torch
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread; restore the setting for the rest of the suite."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _save_tiny(path, arch):
@@ -44,8 +49,3 @@ def tiny_models(tmp_path_factory):
 @pytest.fixture(params=["llama", "gpt2"])
 def tiny_model(request, tiny_models):
     return tiny_models[request.param]
-
-
-@pytest.fixture
-def env_threads():
-    return {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -38,7 +38,8 @@ def test_torchrun_two_processes_match_one(tmp_path, tiny_models, stage):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "rlhf", stage, "--model", model, "--dataset", data, "--output-dir", two,
            "--per-device-batch-size", "2", "--gradient-accumulation-steps", "2", *COMMON]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=str(tmp_path))
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False,
+                         cwd=str(tmp_path))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
     a = [r for r in read_metrics(one) if "loss" in r]

@@ -247,6 +247,6 @@ def test_command_help(command, capsys):
 
 def test_relative_model_path_that_does_not_exist(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "outputs").mkdir()  # ./outputs exists, so outputs/sft is a local path, not a Hub id
     with pytest.raises(FileNotFoundError, match="'outputs/sft' does not exist"):
         models.load_reward_model("outputs/sft")

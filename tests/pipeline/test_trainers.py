@@ -37,7 +37,7 @@ def easy_pairs(n):
     import random
 
     rng = random.Random(0)
-    word = lambda pool: "".join(rng.choice(pool) for _ in range(4))  # noqa: E731
+    word = lambda pool: "".join(rng.choice(pool) for _ in range(4))
     return [{"prompt": word("abcdefghijkl") + "=", "chosen": word("abcdef"), "rejected": word("ghijkl")}
             for _ in range(n)]
 

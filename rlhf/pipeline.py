@@ -72,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--kernel-backend", default="auto")
     p.add_argument("--max-length", type=int, default=None, help="max prompt + response tokens (built-in: 32)")
+    for name in ("sft", "reward", "ppo", "dpo"):
+        p.add_argument(
+            f"--{name}-config",
+            default=None,
+            metavar="YAML",
+            help=f"YAML of `rlhf {name}` options for that stage (e.g. lr, batch sizes); "
+            "the pipeline sets the model, data and output folders",
+        )
     return p
 
 
@@ -122,6 +130,14 @@ def _stage_table(name: str, out_dir: str, seconds: float) -> dict:
     return {"seconds": seconds, "first": first, "last": last, "eval": final_eval}
 
 
+def _config(cls, yaml_path: str | None, defaults: dict, fixed: dict):
+    """``cls`` from the pipeline's defaults, overridden by the stage's YAML, with ``fixed`` (paths) last."""
+    from .config import load_yaml, make_config
+
+    values = {**defaults, **(load_yaml(yaml_path, cls) if yaml_path else {}), **fixed}
+    return make_config(cls, values)
+
+
 def run_pipeline(args) -> dict:
     import torch
     import transformers
@@ -162,27 +178,22 @@ def run_pipeline(args) -> dict:
     stage(
         "sft",
         train_sft,
-        SFTConfig(
-            model=args.model,
-            dataset=args.sft_data,
-            output_dir=paths["sft"],
-            gold_eval_prompts=0,
-            **steps(args.sft_steps),
-            **length,
-            **common,
+        _config(
+            SFTConfig,
+            args.sft_config,
+            {"gold_eval_prompts": 0, **steps(args.sft_steps), **length, **common},
+            {"model": args.model, "dataset": args.sft_data, "output_dir": paths["sft"]},
         ),
     )
     tok_common = {k: v for k, v in common.items() if k != "tokenizer"}  # later stages read the SFT folder's
     stage(
         "reward",
         train_reward,
-        RewardConfig(
-            model=paths["sft"],
-            dataset=args.pref_data,
-            output_dir=paths["reward"],
-            **steps(args.reward_steps),
-            **length,
-            **tok_common,
+        _config(
+            RewardConfig,
+            args.reward_config,
+            {**steps(args.reward_steps), **length, **tok_common},
+            {"model": paths["sft"], "dataset": args.pref_data, "output_dir": paths["reward"]},
         ),
     )
     ppo_kw = dict(BUILTIN_PPO) if builtin_task else {}
@@ -191,30 +202,27 @@ def run_pipeline(args) -> dict:
     if args.max_length:
         ppo_kw["max_length"] = args.max_length
     ppo_kw.update(
-        model=paths["sft"],
-        reward_model=paths["reward"],
-        dataset=args.prompt_data,
         max_steps=args.ppo_steps,
         eval_steps=args.ppo_eval_steps,
         eval_prompts=min(args.eval_prompts, 128),
         **tok_common,
     )
-    stage("ppo", train_ppo, PPOConfig(output_dir=paths["ppo"], **ppo_kw))
+    ppo_paths = {"model": paths["sft"], "reward_model": paths["reward"], "dataset": args.prompt_data}
+    ppo_cfg = _config(PPOConfig, args.ppo_config, ppo_kw, {**ppo_paths, "output_dir": paths["ppo"]})
+    stage("ppo", train_ppo, ppo_cfg)
     runs = ["sft", "ppo"]
     if args.kl_off_run:
-        stage("ppo_no_kl", train_ppo, PPOConfig(output_dir=paths["ppo_no_kl"], **{**ppo_kw, "kl_coef": 0.0}))
+        fixed = {**ppo_paths, "output_dir": paths["ppo_no_kl"], "kl_coef": 0.0, "adaptive_kl": False}
+        stage("ppo_no_kl", train_ppo, _config(PPOConfig, args.ppo_config, ppo_kw, fixed))
         runs.append("ppo_no_kl")
     stage(
         "dpo",
         train_dpo,
-        DPOConfig(
-            model=paths["sft"],
-            dataset=args.pref_data,
-            output_dir=paths["dpo"],
-            gold_eval_prompts=0,
-            **steps(args.dpo_steps),
-            **length,
-            **tok_common,
+        _config(
+            DPOConfig,
+            args.dpo_config,
+            {"gold_eval_prompts": 0, **steps(args.dpo_steps), **length, **tok_common},
+            {"model": paths["sft"], "dataset": args.pref_data, "output_dir": paths["dpo"]},
         ),
     )
     runs.append("dpo")
@@ -231,7 +239,7 @@ def run_pipeline(args) -> dict:
         eval_prompts = [r["prompt"] for r in load_records(args.prompt_data)[: args.eval_prompts]]
     sft_model = load_policy(paths["sft"], tok, device, trainable=False)
     reward_model = load_reward_model(paths["reward"], tok, device, trainable=False)
-    max_new = ppo_kw.get("max_new_tokens", PPOConfig.max_new_tokens)
+    max_new = ppo_cfg.max_new_tokens
     rows, results = [], {}
     for name in runs:
         model = sft_model if name == "sft" else load_policy(paths[name], tok, device, trainable=False)

@@ -11,6 +11,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def test_rlhf_pipeline_smoke(tmp_path):
     out = tmp_path / "pipeline"
+    ppo_yaml = tmp_path / "ppo.yaml"  # stage options from YAML; the pipeline keeps its paths
+    ppo_yaml.write_text(
+        "rollout_batch_size: 32\nmini_batch_size: 16\nvalue_model: policy_head\noutput_dir: ignored\n"
+    )
     cmd = [
         sys.executable,
         "-m",
@@ -30,6 +34,8 @@ def test_rlhf_pipeline_smoke(tmp_path):
         "8",
         "--eval-prompts",
         "32",
+        "--ppo-config",
+        str(ppo_yaml),
         "--kernel-backend",
         "reference",
     ]
@@ -60,6 +66,10 @@ def test_rlhf_pipeline_smoke(tmp_path):
         assert curve[0]["kl_to_sft"] == 0.0  # step 0 is the SFT model itself
     assert report["stages"]["ppo_no_kl"]["last"]["objective/kl_coef"] == 0.0
     assert report["stages"]["ppo"]["last"]["objective/kl_coef"] > 0.0
+    for run in ("ppo", "ppo_no_kl"):
+        run_config = (out / run / "run_config.yaml").read_text()
+        assert "value_model: policy_head" in run_config and "rollout_batch_size: 32" in run_config
+        assert (out / run / "model.safetensors").exists()
     try:
         import matplotlib  # noqa: F401
     except ImportError:

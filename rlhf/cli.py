@@ -43,6 +43,23 @@ def _dpo(argv: list[str]) -> int:
 COMMANDS = {"demo": _demo, "sft": _sft, "reward": _reward, "dpo": _dpo}
 
 
+def _ppo(argv: list[str]) -> int:
+    """PPO from an SFT model against a reward model (rollout, KL penalty, GAE, clipped updates)."""
+    from .ppo import main as ppo_main
+
+    return ppo_main(argv)
+
+
+def _pipeline(argv: list[str]) -> int:
+    """The whole RLHF pipeline (SFT, reward model, PPO, DPO) on the built-in task, with a report."""
+    from .pipeline import main as pipeline_main
+
+    return pipeline_main(argv)
+
+
+COMMANDS.update(ppo=_ppo, pipeline=_pipeline)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):

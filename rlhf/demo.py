@@ -40,18 +40,24 @@ def run_demo(tokens: int = 512, vocab: int = 32000, backend: str = "auto") -> di
     pg_loss.backward()
 
     print(f"rlhf_kernels {rk.__version__} demo: B={B}, T={T}, V={vocab}, backend={backend}")
-    print(f"  token_logprobs: mean log-prob {rk.masked_mean(logprobs.detach(), mask).item():.3f}, "
-          f"mean entropy {rk.masked_mean(entropy.detach(), mask).item():.3f} nats")
+    print(
+        f"  token_logprobs: mean log-prob {rk.masked_mean(logprobs.detach(), mask).item():.3f}, "
+        f"mean entropy {rk.masked_mean(entropy.detach(), mask).item():.3f} nats"
+    )
     print(f"  kl_penalty(k1): mean {rk.masked_mean(kl, mask).item():.4f}")
     print(f"  gae: advantages whitened, mean return {rk.masked_mean(ret, mask).item():.3f}")
-    print(f"  ppo_policy_loss: {pg_loss.item():.4f}, clipfrac {stats['clipfrac'].item():.3f}, "
-          f"approx_kl {stats['approx_kl'].item():.4f}; d/dlogits norm {logits.grad.norm().item():.3f}")
+    print(
+        f"  ppo_policy_loss: {pg_loss.item():.4f}, clipfrac {stats['clipfrac'].item():.3f}, "
+        f"approx_kl {stats['approx_kl'].item():.4f}; d/dlogits norm {logits.grad.norm().item():.3f}"
+    )
 
     # Side by side, in this run: the fused log-prob path against the eager one used by peers.
     x = logits.detach().reshape(-1, vocab)
     y = labels.reshape(-1)
     t_kernel = _timed(lambda: rk.token_logprobs(x, y, backend=backend))
     t_eager = _timed(lambda: torch.log_softmax(x.float(), -1).gather(-1, y[:, None]))
-    print(f"  forward time, {x.shape[0]} x {vocab} fp32 on CPU: rlhf_kernels {t_kernel * 1e3:.1f} ms, "
-          f"eager log_softmax+gather {t_eager * 1e3:.1f} ms (ratio {t_eager / t_kernel:.2f}x)")
+    print(
+        f"  forward time, {x.shape[0]} x {vocab} fp32 on CPU: rlhf_kernels {t_kernel * 1e3:.1f} ms, "
+        f"eager log_softmax+gather {t_eager * 1e3:.1f} ms (ratio {t_eager / t_kernel:.2f}x)"
+    )
     return {"pg_loss": pg_loss.item(), **{k: v.item() for k, v in stats.items()}}

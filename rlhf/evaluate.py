@@ -1,0 +1,81 @@
+"""Evaluate a policy the way the pipeline report does: gold score, proxy reward, KL to SFT, length.
+
+Responses are sampled at temperature 1 (the distribution PPO optimises), so the mean over samples of
+sum_t (log pi(y_t) - log pi_sft(y_t)) is an unbiased estimate of KL(pi || pi_sft) per sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import rlhf_kernels as rk
+
+from .data import tokenize_prompts
+from .models import ScalarHead
+
+
+@torch.no_grad()
+def evaluate_policy(
+    policy,
+    sft_policy,
+    reward_model,
+    tokenizer,
+    prompts: list,
+    *,
+    gold_fn=None,
+    max_new_tokens: int = 16,
+    batch_size: int = 64,
+    seed: int = 1234,
+    backend: str = "auto",
+) -> dict[str, float]:
+    """Mean gold score (when ``gold_fn(prompt, response)`` is given), proxy reward, KL to SFT, length.
+
+    ``prompts`` are strings or chat message lists, encoded as ``rlhf ppo`` encodes its prompts.
+
+    The sampling RNG is forked so that evaluating does not change the caller's random stream.
+    """
+    from .ppo import _position_ids, generate_responses, left_pad, policy_logprobs
+
+    score_head = ScalarHead(reward_model)
+    device = next(policy.parameters()).device
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = eos_id
+    was_training = policy.training
+    policy.eval()
+    gold, proxy, kl, length = [], [], [], []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), batch_size):
+            texts = prompts[start : start + batch_size]
+            ids = [
+                e["prompt_ids"] for e in tokenize_prompts([{"prompt": t} for t in texts], tokenizer, 10**9)
+            ]
+            prompt_ids, prompt_mask = left_pad(ids, pad_id, device)
+            responses, response_mask, _ = generate_responses(
+                policy, prompt_ids, prompt_mask, eos_id=eos_id, pad_id=pad_id, max_new_tokens=max_new_tokens
+            )
+            R = responses.shape[1]
+            input_ids = torch.cat([prompt_ids, responses], 1)
+            attention_mask = torch.cat([prompt_mask, response_mask.long()], 1)
+            labels = responses.masked_fill(~response_mask, -100)
+            logp = policy_logprobs(policy, input_ids, attention_mask, labels, 1.0, backend)
+            sft_logp = policy_logprobs(sft_policy, input_ids, attention_mask, labels, 1.0, backend)
+            kl += (
+                (rk.kl_penalty(logp, sft_logp, estimator="k1", backend=backend) * response_mask)
+                .sum(1)
+                .tolist()
+            )
+            last = response_mask.sum(1) - 1
+            scores = score_head(input_ids, attention_mask, _position_ids(attention_mask))
+            proxy += scores[:, -R:][torch.arange(len(texts), device=device), last].tolist()
+            length += response_mask.sum(1).tolist()
+            if gold_fn is not None:
+                for text, r, m in zip(texts, responses, response_mask):
+                    gold.append(gold_fn(text, tokenizer.decode(r[m].tolist(), skip_special_tokens=True)))
+    policy.train(was_training)
+    mean = lambda xs: float(sum(xs) / len(xs)) if xs else float("nan")
+    out = {"proxy": mean(proxy), "kl_to_sft": mean(kl), "response_length": mean(length)}
+    if gold_fn is not None:
+        out["gold"] = mean(gold)
+    return out

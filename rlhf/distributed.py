@@ -59,6 +59,26 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def masked_whiten_global(x: torch.Tensor, mask: torch.Tensor, *, backend: str = "auto",
+                         eps: float = 1e-8) -> torch.Tensor:
+    """``rlhf_kernels.masked_whiten`` with the mean and unbiased variance taken over the valid
+    entries of every rank, so advantages are whitened over the whole global batch (as one process
+    would) rather than per rank.  In one process it is ``rlhf_kernels.masked_whiten`` itself."""
+    import rlhf_kernels as rk
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return rk.masked_whiten(x, mask, backend=backend)
+    mask = mask.bool()
+    xf = torch.where(mask, x.float(), 0.0)
+    sums = all_reduce_sum(torch.stack([xf.sum(), mask.sum().float()]))
+    count = sums[1]
+    mean = sums[0] / count.clamp(min=1)
+    centered = torch.where(mask, xf - mean, 0.0)
+    sq = all_reduce_sum((centered * centered).sum())
+    var = torch.where(count > 1, sq / (count - 1).clamp(min=1), sq)  # Bessel, as masked_whiten
+    return torch.where(mask, centered * torch.rsqrt(var + eps), 0.0).to(x.dtype)
+
+
 def all_gather_cat(t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """Concatenate the first dim of ``t`` from every rank (rank r contributes ``sizes[r]`` rows)."""
     if not (dist.is_available() and dist.is_initialized()):

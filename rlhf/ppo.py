@@ -37,7 +37,7 @@ import rlhf_kernels as rk
 from .checkpoint import load_training_state, save_checkpoint, save_final
 from .config import TrainConfig, parse_config
 from .data import pad_batch, tokenize_prompts
-from .distributed import DistInfo, all_reduce_sum, wrap_ddp
+from .distributed import DistInfo, all_reduce_sum, masked_whiten_global, wrap_ddp
 from .evaluate import evaluate_policy
 from .logging import Progress
 from .models import ScalarHead, load_policy, load_reference, load_reward_model
@@ -399,7 +399,8 @@ class PPOTrainer:
             rewards, values, response_mask, gamma=hp.gamma, lam=hp.lam, backend=backend
         )
         if hp.whiten_advantages:
-            advantages = rk.masked_whiten(advantages, response_mask, backend=backend)
+            # over the global batch: under DDP every rank whitens with the same statistics
+            advantages = masked_whiten_global(advantages, response_mask, backend=backend)
 
         # 5. learn: ppo_epochs passes over shuffled minibatches ----------------------------------
         self.actor_critic.train()

@@ -54,3 +54,47 @@ def test_torchrun_two_processes_match_one(tmp_path, tiny_models, stage):
     assert not torch.allclose(ma.model.embed_tokens.weight, m0.model.embed_tokens.weight)  # it trained
     for (n, x), (_, y) in zip(ma.state_dict().items(), mb.state_dict().items()):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def _whiten_worker(rank: int, world: int, port: int, x: torch.Tensor, mask: torch.Tensor, out: dict):
+    import torch.distributed as dist
+
+    from rlhf.distributed import masked_whiten_global
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        rows = x.shape[0] // world
+        part = slice(rank * rows, (rank + 1) * rows)
+        out[rank] = masked_whiten_global(x[part], mask[part])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_advantage_whitening_under_ddp_uses_the_global_batch():
+    """Two ranks, each with half of a batch whose halves have very different statistics, must
+    whiten exactly as one process whitening the whole batch (float64 truth from the formula)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(3, 7, generator=g) + 5.0, 3.0 * torch.randn(3, 7, generator=g)])
+    mask = torch.rand(6, 7, generator=g) > 0.3
+    x[~mask] = float("nan")  # never read
+    valid = x[mask].double()
+    expected = torch.zeros(6, 7, dtype=torch.float64)
+    expected[mask] = (valid - valid.mean()) / torch.sqrt(valid.var(unbiased=True) + 1e-8)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_whiten_worker, args=(2, port, x, mask, out), nprocs=2, join=True)
+    got = torch.cat([out[0], out[1]])
+    assert torch.allclose(got.double(), expected, atol=1e-5), (got, expected)
+    # the per-rank whitening this replaces would be visibly different here
+    from rlhf_kernels import masked_whiten
+
+    local = torch.cat([masked_whiten(x[:3], mask[:3]), masked_whiten(x[3:], mask[3:])])
+    assert not torch.allclose(local.double(), expected, atol=1e-2)

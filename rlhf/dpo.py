@@ -20,11 +20,12 @@ import torch
 
 import rlhf_kernels as rk
 
-from .config import TrainConfig, parse_config
+from .config import TrainConfig
 from .data import collate_preference, tokenize_preference
 from .distributed import all_gather_cat, wrap_ddp
 from .models import load_policy, load_reference, sequence_logprobs, unwrap
 from .trainer_utils import (
+    run_command,
     RunContext,
     build_optimizer,
     build_scheduler,
@@ -166,7 +167,4 @@ def train_dpo(cfg: DPOConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Direct preference optimization from an SFT model."""
-    cfg = parse_config(DPOConfig, argv, prog="rlhf dpo", description=__doc__.split("\n\n")[0])
-    last = train_dpo(cfg)
-    print("dpo done:", {k: round(v, 4) if isinstance(v, float) else v for k, v in last.items()})
-    return 0
+    return run_command(DPOConfig, train_dpo, argv, "dpo", __doc__.split("\n\n")[0])

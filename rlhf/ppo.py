@@ -35,14 +35,16 @@ from torch import nn
 import rlhf_kernels as rk
 
 from .checkpoint import load_training_state, save_checkpoint, save_final
-from .config import TrainConfig, parse_config
+from .config import TrainConfig
 from .data import pad_batch, tokenize_prompts
 from .distributed import DistInfo, all_reduce_sum, masked_whiten_global, wrap_ddp
 from .evaluate import evaluate_policy
 from .logging import Progress
 from .models import ScalarHead, load_policy, load_reference, load_reward_model
 from .tasks import gold_score, make_prompts
-from .trainer_utils import RunContext, clip_grad_norm, global_batch_indices, load_records_for, rank_slice
+from .trainer_utils import (
+    RunContext, clip_grad_norm, global_batch_indices, load_records_for, rank_slice, run_command,
+)
 
 
 @dataclass
@@ -656,8 +658,4 @@ def train_ppo(cfg: PPOConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """PPO from an SFT model against a reward model (rollout, KL-penalised reward, GAE, clipped updates)."""
-    cfg = parse_config(PPOConfig, argv, prog="rlhf ppo", description=main.__doc__)
-    last = train_ppo(cfg)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print("ppo done:", {k: round(v, 4) if isinstance(v, float) else v for k, v in last.items()})
-    return 0
+    return run_command(PPOConfig, train_ppo, argv, "ppo", main.__doc__)

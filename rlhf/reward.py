@@ -17,11 +17,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import TrainConfig, parse_config
+from .config import TrainConfig
 from .data import collate_preference, tokenize_preference
 from .distributed import wrap_ddp
 from .models import ScalarHead, load_reward_model, sequence_rewards
 from .trainer_utils import (
+    run_command,
     RunContext,
     build_optimizer,
     build_scheduler,
@@ -133,7 +134,4 @@ def train_reward(cfg: RewardConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Train a reward model on preference pairs (Bradley-Terry)."""
-    cfg = parse_config(RewardConfig, argv, prog="rlhf reward", description=__doc__.split("\n\n")[0])
-    last = train_reward(cfg)
-    print("reward done:", {k: round(v, 4) if isinstance(v, float) else v for k, v in last.items()})
-    return 0
+    return run_command(RewardConfig, train_reward, argv, "reward", __doc__.split("\n\n")[0])

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import TrainConfig, parse_config
+from .config import TrainConfig
 from .data import IGNORE_INDEX, collate_sft, tokenize_sft
 from .distributed import wrap_ddp
 from .models import load_policy, token_logprobs, unwrap
 from .trainer_utils import (
+    run_command,
     RunContext,
     build_optimizer,
     build_scheduler,
@@ -107,7 +108,4 @@ def train_sft(cfg: SFTConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Supervised fine-tuning (loss on completion / assistant tokens only)."""
-    cfg = parse_config(SFTConfig, argv, prog="rlhf sft", description=__doc__.split("\n\n")[0])
-    last = train_sft(cfg)
-    print("sft done:", {k: round(v, 4) if isinstance(v, float) else v for k, v in last.items()})
-    return 0
+    return run_command(SFTConfig, train_sft, argv, "sft", __doc__.split("\n\n")[0])

@@ -10,6 +10,7 @@ With DDP averaging gradients over ranks, the update is exactly the one-process u
 from __future__ import annotations
 
 import math
+import os
 import random
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -245,3 +246,16 @@ class RunContext:
 
         self.logger.close()
         cleanup()
+
+
+def run_command(cfg_cls: type, train_fn, argv: list[str] | None, name: str, description: str) -> int:
+    """Body of every ``rlhf <name>`` command: parse the config (YAML + overrides), train, and print
+    the last logged metrics once (on rank 0 under torchrun)."""
+    from .config import parse_config
+
+    cfg = parse_config(cfg_cls, argv, prog=f"rlhf {name}", description=description)
+    last = train_fn(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{name} done:", {k: round(v, 4) if isinstance(v, float) else v for k, v in last.items()})
+    return 0
+

@@ -81,6 +81,8 @@ def parse(argv: list[str]):
             opts["system_site"] = True
         elif a == "--reinstall":
             opts["reinstall"] = True
+        elif not a.startswith("-"):
+            fail(f"unknown command {a!r}: expected one of {', '.join(COMMANDS)}\n{USAGE}")
         else:
             fail(f"unknown option {a!r} (options go before the command)\n{USAGE}")
         i += 1

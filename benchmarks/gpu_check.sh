@@ -150,8 +150,9 @@ stage_build() {
     echo "no CUDA toolkit: nvcc is not on PATH, in \$CUDA_HOME or /usr/local/cuda; the CUDA kernels cannot be built"
     exit 3
   fi
-  export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$nvcc")")}
-  export PATH="$(dirname "$nvcc"):$PATH"
+  CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$nvcc")")}
+  PATH="$(dirname "$nvcc"):$PATH"
+  export CUDA_HOME PATH
   "$nvcc" --version | tail -n 2
   RLHF_KERNELS_BUILD_CUDA=1 "$PY" setup.py -q build_ext --inplace
 }

@@ -139,3 +139,80 @@ def test_without_a_gpu_it_fails_cleanly_with_a_summary(tmp_path):
     assert rows == {"env": "FAIL", **{s: "SKIP" for s in STAGES[1:]}}, summary
     assert "no CUDA device" in (tmp_path / "out" / "logs" / "env.log").read_text()
     assert "overall: FAIL" in summary
+
+
+_FAKE_PYTHON = """#!/usr/bin/env bash
+# Stands in for a GPU machine's python: records each call (and the environment that matters),
+# answers torch's version, and fails the stage named in FAKE_FAIL.
+input=""
+[ "${1:-}" = "-" ] && input=$(cat)
+echo "CALL $* | DEVICE=${RLHF_TEST_DEVICE:-} REQUIRE=${RLHF_TEST_REQUIRE_BACKENDS:-} JIT=${RLHF_KERNELS_JIT:-} \\
+BUILD_CUDA=${RLHF_KERNELS_BUILD_CUDA:-} ARCH=${RLHF_KERNELS_CUDA_ARCH:-} INTERPRET=${TRITON_INTERPRET:-}" >> "$FAKE_LOG"
+case "$input" in *build_info*) [ "${FAKE_FAIL:-}" = cuda_ext ] && { echo "loaded WITHOUT its CUDA kernels"; exit 1; } ;; esac
+case "$*" in *"-m pytest"*) [ "${FAKE_FAIL:-}" = tests ] && { echo "3 failed, 900 passed"; exit 1; } ;; esac
+if [ "${1:-}" = "-c" ]; then case "$2" in *__version__*) echo "2.9.0+cu128" ;; esac; fi
+exit 0
+"""
+
+
+def _fake_run(tmp_path, fail=""):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    py = bin_dir / "python"
+    py.write_text(_FAKE_PYTHON)
+    nvcc = bin_dir / "nvcc"
+    nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 12.8'\n")
+    py.chmod(0o755)
+    nvcc.chmod(0o755)
+    log = tmp_path / "calls.log"
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=str(py), FAKE_LOG=str(log), FAKE_FAIL=fail,
+               PATH=f"{bin_dir}:{os.environ['PATH']}", GPU_CHECK_BUDGET_S="470", TRITON_INTERPRET="1")
+    proc = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, env=env, timeout=120)
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    rows = {line.split()[0]: line.split()[1] for line in summary.splitlines()
+            if line and line.split()[0] in STAGES}
+    return proc, rows, log.read_text().splitlines()
+
+
+def test_stages_run_in_order_with_the_right_settings(tmp_path):
+    """Orchestration with a stand-in python and nvcc: every stage passes and runs in order, the
+    tests run on CUDA tensors requiring triton and cuda with the script's files and -k, the build
+    forces the CUDA kernels for sm_90, no stage builds just in time, and the interpreter is off."""
+    proc, rows, calls = _fake_run(tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert rows == {s: "PASS" for s in STAGES}, rows
+    assert all("INTERPRET= " in c or c.endswith("INTERPRET=") for c in calls), "TRITON_INTERPRET leaked"
+    assert all("JIT=0" in c for c in calls)
+    pip = [c for c in calls if "-m pip install" in c]
+    assert pip and all("--no-deps" in c or "-c " in c for c in pip), f"pip free to touch torch: {pip}"
+    assert not any(re.search(r"install[^|]* torch\b", c) for c in pip), pip
+    build = [c for c in calls if "setup.py" in c]
+    assert len(build) == 1 and "BUILD_CUDA=1" in build[0] and "ARCH=90" in build[0], build
+    tests = [c for c in calls if "-m pytest -q" in c]
+    assert len(tests) == 1, calls
+    assert "DEVICE=cuda" in tests[0] and "REQUIRE=triton,cuda" in tests[0], tests[0]
+    for f in _array("GPU_TEST_FILES"):
+        assert f in tests[0], f
+    assert _scalar("GPU_TEST_DESELECT") in tests[0]
+    bench = [c for c in calls if "run_all.py" in c]
+    assert len(bench) == 3 and "--only logprobs" in bench[0], bench
+    assert "--skip-providers torch_compile" in bench[0] and "--skip-providers torch_compile" in bench[1]
+    assert "torch_compile" not in bench[2].split("--skip-providers")[1], "the last run is torch.compile's"
+    order = [i for i, c in enumerate(calls) if "setup.py" in c or "-m pytest -q" in c or "run_all.py" in c]
+    assert order == sorted(order)
+
+
+def test_a_missing_cuda_build_fails_loudly_and_tests_still_run_triton(tmp_path):
+    proc, rows, calls = _fake_run(tmp_path, fail="cuda_ext")
+    assert proc.returncode == 1
+    assert rows["cuda_ext"] == "FAIL" and rows["tests"] == "PASS", rows
+    assert "WITHOUT its CUDA kernels" in proc.stdout
+    tests = [c for c in calls if "-m pytest -q" in c]
+    assert "REQUIRE=triton " in tests[0], tests[0]
+
+
+def test_failing_tests_fail_the_check_but_the_benchmarks_still_run(tmp_path):
+    proc, rows, calls = _fake_run(tmp_path, fail="tests")
+    assert proc.returncode == 1
+    assert rows["tests"] == "FAIL" and rows["bench_logprobs"] == "PASS", rows
+    assert "overall: FAIL" in proc.stdout

@@ -377,7 +377,7 @@ def readme_section(rows: list[dict], report_rel: str) -> str:
         if not rs:
             if device == "cuda":
                 out += [f"**{title}: no results recorded yet.** The GPU numbers are still owed: run "
-                        "`bash benchmarks/run_gpu.sh` on a GPU machine and commit `benchmarks/results/`.", ""]
+                        "`bash benchmarks/gpu_check.sh` on a GPU machine and commit `benchmarks/results/`.", ""]
             continue
         run = Run(rs)
         out += [f"**{title}: {run.env.get('device_name')}**", ""] + env_lines(run) + [""]

@@ -37,8 +37,15 @@ def token_logprobs(
         logits: ``[..., V]`` float32, bfloat16 or float16 (float64 on the reference backend).
             Never written to.
         labels: ``[...]`` int64 (or int32), already aligned with ``logits`` (the caller shifts),
-            each in ``[0, V)`` or equal to ``ignore_index``.
-        temperature: > 0; the sampling temperature the tokens were drawn with.
+            each in ``[0, V)`` or equal to ``ignore_index``.  Checked (``ValueError``) for CPU
+            tensors, and for GPU tensors with ``RLHF_KERNELS_DEBUG=1`` (the check needs a host
+            sync).  Without it, an out-of-range label on a GPU gives NaN for that position's
+            log-prob (never an out-of-bounds read; the entropy is unaffected) and backward
+            gives that row ``-softmax(z) * g / temperature``, with no one-hot term.
+        temperature: the sampling temperature the tokens were drawn with, in
+            ``[1.18e-38, 3.4e38]`` (a normal float32 whose reciprocal is finite in float32; smaller
+            values such as 1e-40 would turn every ``logits / temperature`` into inf and the result
+            into NaN, so they raise ``ValueError``).
         ignore_index: label value that marks positions to ignore (prompt, padding).
         return_entropy: also return the entropy of softmax(z) per position.
 
@@ -59,7 +66,7 @@ def token_logprobs(
         raise TypeError(f"labels must be an int64 (or int32) tensor, got {labels.dtype}")
     V.check_shape("labels", labels, logits.shape[:-1], "logits.shape[:-1]")
     V.check_same_device({"logits": logits, "labels": labels})
-    temperature = V.check_range("temperature", temperature, 0.0, None, low_open=True)
+    temperature = V.check_temperature(temperature)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not isinstance(return_entropy, bool):
@@ -126,11 +133,16 @@ def gae(
     Args:
         rewards: ``[B, T]`` float, per-token rewards (score at the last token, KL penalty per token).
         values: ``[B, T]`` float, value estimates V(s_t).
-        mask: ``[B, T]`` bool or 0/1, the response tokens.
+        mask: ``[B, T]`` bool, or integer/float holding exactly 0 and 1 (see below), the response
+            tokens.
         gamma: discount in [0, 1].
         lam: GAE lambda in [0, 1].
 
     Returns: ``(advantages, returns)``, each ``[B, T]`` float32.
+
+    Masks (here and in every op that takes one): a non-bool mask must hold only 0 and 1; any other
+    value (0.5, 2, NaN) raises ``ValueError`` rather than counting as true.  The check reads the
+    data, so it runs on CPU tensors always and on GPU tensors only with ``RLHF_KERNELS_DEBUG=1``.
     """
     V.check_float("rewards", rewards)
     V.check_float("values", values)
@@ -180,7 +192,8 @@ def ppo_policy_loss(
         logprobs: ``[B, T]`` float, current policy log-probs (carries the gradient).
         old_logprobs: ``[B, T]`` float, log-probs at rollout time.
         advantages: ``[B, T]`` float.
-        mask: ``[B, T]`` bool or 0/1; masked entries may hold NaN and are never read.
+        mask: ``[B, T]`` bool or exactly 0/1 (as in :func:`gae`); masked entries may hold NaN and
+            are never read.
         clip_low, clip_high: clip range ``[1 - clip_low, 1 + clip_high]``; clip_high defaults to
             clip_low (DAPO's clip-higher uses clip_high > clip_low).
         dual_clip: None, or the dual-clip constant c > 1.
@@ -235,7 +248,7 @@ def ppo_value_loss(
         values: ``[B, T]`` float, current value predictions (carries the gradient).
         old_values: ``[B, T]`` float, values at rollout time.
         returns: ``[B, T]`` float, GAE returns.
-        mask: ``[B, T]`` bool or 0/1.
+        mask: ``[B, T]`` bool or exactly 0/1 (as in :func:`gae`).
 
     Returns: ``(loss, stats)``; stats has ``clipfrac`` (fraction of valid tokens where the clipped
     term is the larger), a detached float32 scalar.
@@ -320,8 +333,8 @@ def _check_composite_backend(backend: str, device: torch.device) -> None:
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None, *, backend: str = "auto") -> torch.Tensor:
     """Mean of ``x`` over the entries where ``mask`` is true (optionally along ``dim``).
 
-    Masked entries are never read (NaN there does not leak); where no entry is valid the result
-    is 0, not NaN.
+    ``mask``: bool or exactly 0/1, shaped like ``x`` (as in :func:`gae`).  Masked entries are never
+    read (NaN there does not leak); where no entry is valid the result is 0, not NaN.
     """
     V.check_tensor("x", x)
     mask = V.check_mask("mask", mask, x.shape, "x")
@@ -338,7 +351,8 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     """Whiten ``x`` with the mean and unbiased variance of its valid entries (as TRL/verl).
 
     ``(x - mean) / sqrt(var + 1e-8)``; with ``shift_mean=False`` the mean is added back.  Masked
-    entries of the result are 0 and their input values are never read.
+    entries of the result are 0 and their input values are never read.  ``mask``: bool or exactly 0/1
+    (as in :func:`gae`).
     """
     V.check_float("x", x)
     mask = V.check_mask("mask", mask, x.shape, "x")

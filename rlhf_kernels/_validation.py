@@ -35,12 +35,57 @@ def check_float(name: str, x) -> torch.Tensor:
 
 
 def check_mask(name: str, mask, shape: torch.Size, like_name: str) -> torch.Tensor:
-    """Accept bool, integer or floating 0/1 masks of exactly ``shape``; return a bool tensor."""
+    """Accept bool, integer or floating 0/1 masks of exactly ``shape``; return a bool tensor.
+
+    A non-bool mask must hold exactly 0 and 1 (a float 0.5 is not "true"): checked by
+    :func:`check_mask_values` where that costs no host sync.
+    """
     check_tensor(name, mask)
     if mask.dtype.is_complex:
         raise TypeError(f"{name} must be a bool or 0/1 integer/float tensor, got {mask.dtype}")
     check_shape(name, mask, shape, like_name)
-    return mask if mask.dtype == torch.bool else mask != 0
+    if mask.dtype == torch.bool:
+        return mask
+    check_mask_values(name, mask)
+    return mask != 0
+
+
+def check_mask_values(name: str, mask: torch.Tensor) -> None:
+    """A non-bool mask must contain only 0 and 1.  Like the label check, this reads the data, so it
+    runs on CPU tensors always and on GPU tensors only with ``RLHF_KERNELS_DEBUG=1`` (elsewhere it
+    would force a host synchronisation)."""
+    if mask.dtype == torch.bool or mask.numel() == 0:
+        return
+    if mask.device.type != "cpu" and not debug_checks_enabled():
+        return
+    if torch.compiler.is_compiling():
+        return  # a data-dependent branch: it would break the graph (and sync on a GPU)
+    bad = (mask != 0) & (mask != 1)  # NaN is neither
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{name} must be bool or hold only 0 and 1 (a {mask.dtype} mask); found {mask[idx].item()!r} "
+            f"at index {idx}"
+        )
+
+
+# 1 / temperature must be a finite float32 (kernels compute z = logits * (1 / T) or logits / T in
+# fp32), and T itself a normal float32: GPUs flush fp32 subnormals to zero, so a subnormal T would
+# divide by zero there.  Both hold exactly for T in [float32 tiny, float32 max].
+TEMPERATURE_MIN = float(torch.finfo(torch.float32).tiny)  # 1.1754943508222875e-38
+TEMPERATURE_MAX = float(torch.finfo(torch.float32).max)
+
+
+def check_temperature(value) -> float:
+    """temperature: a real number in [1.18e-38, 3.4e38], so that it and its reciprocal are finite
+    normal float32 numbers (1e-40 would make every logit / T overflow to inf, and the result NaN)."""
+    value = check_range("temperature", value, 0.0, None, low_open=True)
+    if not (TEMPERATURE_MIN <= value <= TEMPERATURE_MAX):
+        raise ValueError(
+            f"temperature must be in [{TEMPERATURE_MIN:.6g}, {TEMPERATURE_MAX:.6g}] (a normal float32 "
+            f"whose reciprocal is finite in float32), got {value!r}"
+        )
+    return value
 
 
 def check_shape(name: str, x: torch.Tensor, shape, like_name: str) -> None:

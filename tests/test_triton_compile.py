@@ -223,20 +223,27 @@ _AOT_SCRIPT = textwrap.dedent("""
     lp_sig = {"logits_ptr": "*bf16", "labels_ptr": "*i64", "logprob_ptr": "*fp32", "lse_ptr": "*fp32",
               "entropy_ptr": "*fp32", "T": "i32", "V": "i32", "stride_a": "i64", "stride_t": "i32",
               "stride_v": "constexpr", "temperature": "fp32", "ignore_index": "i64",
-              "RETURN_ENTROPY": "constexpr", "BLOCK_V": "constexpr"}
+              "RETURN_ENTROPY": "constexpr", "BLOCK_V": "constexpr", "VOCAB_CONTIG": "constexpr"}
     k = build(logprobs._token_logprobs_fwd_kernel, lp_sig,
-              {"stride_v": 1, "RETURN_ENTROPY": True, "BLOCK_V": 8192},
+              {"stride_v": 1, "RETURN_ENTROPY": True, "BLOCK_V": 8192, "VOCAB_CONTIG": True},
               aligned=("logits_ptr", "V", "stride_a", "stride_t"), num_warps=16)
     assert "ld.global.v4.b32" in k.asm["ptx"], "logits loads are not vectorized"
+    # A vocabulary stride other than 1: the 64-bit column offsets must compile too.
+    build(logprobs._token_logprobs_fwd_kernel, {**lp_sig, "stride_v": "i32"},
+          {"RETURN_ENTROPY": True, "BLOCK_V": 8192, "VOCAB_CONTIG": False}, num_warps=16)
     bwd_sig = {"grad_lp_ptr": "*fp32", "grad_ent_ptr": "*fp32", "logits_ptr": "*bf16", "labels_ptr": "*i64",
                "lse_ptr": "*fp32", "entropy_ptr": "*fp32", "grad_logits_ptr": "*bf16", "T": "i32", "V": "i32",
                "stride_a": "i64", "stride_t": "i32", "stride_v": "constexpr", "temperature": "fp32",
                "ignore_index": "i64", "HAS_GRAD_LP": "constexpr", "HAS_GRAD_ENT": "constexpr",
-               "BLOCK_V": "constexpr", "SOFT_BF16": "constexpr"}
+               "BLOCK_V": "constexpr", "SOFT_BF16": "constexpr", "VOCAB_CONTIG": "constexpr"}
     k = build(logprobs._token_logprobs_bwd_kernel, bwd_sig,
-              {"stride_v": 1, "HAS_GRAD_LP": True, "HAS_GRAD_ENT": True, "BLOCK_V": 8192, "SOFT_BF16": False},
+              {"stride_v": 1, "HAS_GRAD_LP": True, "HAS_GRAD_ENT": True, "BLOCK_V": 8192, "SOFT_BF16": False,
+               "VOCAB_CONTIG": True},
               aligned=("logits_ptr", "grad_logits_ptr", "V", "stride_a", "stride_t"), num_warps=16)
     assert "st.global.v4.b32" in k.asm["ptx"], "gradient stores are not vectorized"
+    build(logprobs._token_logprobs_bwd_kernel, {**bwd_sig, "stride_v": "i32"},
+          {"HAS_GRAD_LP": True, "HAS_GRAD_ENT": True, "BLOCK_V": 8192, "SOFT_BF16": False, "VOCAB_CONTIG": False},
+          num_warps=16)
 
     build(kl._kl_fwd_kernel, {"lp_ptr": "*fp32", "ref_ptr": "*bf16", "out_ptr": "*fp32", "n": "i32",
                               "ESTIMATOR": "constexpr", "BLOCK": "constexpr"}, {"ESTIMATOR": 2, "BLOCK": 1024})

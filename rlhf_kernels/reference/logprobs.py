@@ -107,6 +107,9 @@ class _TokenLogprobs(torch.autograd.Function):
                 h = entropy[s:e].unsqueeze(-1)
                 term = torch.where(p > 0, -p * (log_p + h), torch.zeros_like(p))
                 g = g + term * ge
+            # Ignored rows get exact zeros even when their logits are all -inf or NaN (there p and
+            # lse are NaN, and NaN * 0 is NaN).
+            g = torch.where(v, g, torch.zeros_like(g))
             grad[s:e] = (g / temperature).to(logits.dtype)
         return grad.reshape(logits.shape), None, None, None, None
 

@@ -1,7 +1,9 @@
-"""Launch helpers shared by the Triton op families: interpreter detection and block sizes."""
+"""Launch helpers shared by the Triton op families: the one launch path (device guard), interpreter
+detection and block sizes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -15,6 +17,28 @@ NAMESPACE = "rlhf_kernels_triton"
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def device_guard(device: torch.device | None):
+    """Make ``device`` the current CUDA device (so Triton launches on it, on its current stream);
+    a no-op for CPU tensors (the interpreter) and when no tensor is given."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)`` on the device of its tensor arguments.
+
+    Triton launches on ``torch.cuda.current_device()`` and that device's current stream, whatever
+    device the pointers belong to: tensors on ``cuda:1`` while device 0 is current would run on the
+    wrong device, unordered with the caller's stream.  Every kernel of this backend is launched
+    through here, under :func:`device_guard` of the first tensor argument (the public API has
+    already checked that all tensors share one device).
+    """
+    device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+    with device_guard(device):
+        return kernel[grid](*args, **kwargs)
 
 
 def next_pow2(n: int) -> int:

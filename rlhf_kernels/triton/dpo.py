@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import NAMESPACE, block, cast_to, interpreting
+from ._launch import NAMESPACE, block, cast_to, interpreting, launch
 
 _LOSS_CODE = {"sigmoid": 0, "ipo": 1, "hinge": 2, "robust": 3}
 
@@ -103,7 +103,7 @@ def dpo_forward(pc, pr, rc, rr, beta, loss_type, label_smoothing):
     outs = [torch.empty(B, dtype=torch.float32, device=pc.device) for _ in range(3)]
     if B:
         blk, warps = _config(B)
-        _dpo_fwd_kernel[(triton.cdiv(B, blk),)](
+        launch(_dpo_fwd_kernel, (triton.cdiv(B, blk),),
             pc.contiguous(), pr.contiguous(), rc.contiguous(), rr.contiguous(), *outs, B,
             float(beta), float(label_smoothing), LOSS=_LOSS_CODE[loss_type], BLOCK=blk, num_warps=warps)
     return tuple(outs)
@@ -114,7 +114,7 @@ def dpo_backward(grad, pc, pr, rc, rr, beta, loss_type, label_smoothing):
     grads = [torch.empty(B, dtype=t.dtype, device=t.device) for t in (pc, pr, rc, rr)]
     if B:
         blk, warps = _config(B)
-        _dpo_bwd_kernel[(triton.cdiv(B, blk),)](
+        launch(_dpo_bwd_kernel, (triton.cdiv(B, blk),),
             grad.contiguous(), pc.contiguous(), pr.contiguous(), rc.contiguous(), rr.contiguous(), *grads, B,
             float(beta), float(label_smoothing), LOSS=_LOSS_CODE[loss_type], BLOCK=blk,
             SOFT_BF16=interpreting(), num_warps=warps)

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import NAMESPACE, block, cast_to, interpreting
+from ._launch import NAMESPACE, block, cast_to, interpreting, launch
 
 
 @triton.jit
@@ -97,7 +97,7 @@ def gae_forward(rewards, values, mask, gamma, lam):
     ret = torch.empty((B, T), dtype=torch.float32, device=rewards.device)
     if B * T:
         blk, warps = _config(B)
-        _gae_fwd_kernel[(triton.cdiv(B, blk),)](
+        launch(_gae_fwd_kernel, (triton.cdiv(B, blk),),
             rewards.contiguous(), values.contiguous(), mask.contiguous().view(torch.uint8), adv, ret,
             B, T, float(gamma), float(lam), BLOCK_B=blk, num_warps=warps)
     return adv, ret
@@ -110,7 +110,7 @@ def gae_backward(grad_adv, grad_ret, mask, gamma, lam, rewards_dtype, values_dty
     if B * T:
         blk, warps = _config(B)
         has_a, has_r = grad_adv is not None, grad_ret is not None
-        _gae_bwd_kernel[(triton.cdiv(B, blk),)](
+        launch(_gae_bwd_kernel, (triton.cdiv(B, blk),),
             grad_adv.contiguous() if has_a else grad_r, grad_ret.contiguous() if has_r else grad_r,
             mask.contiguous().view(torch.uint8), grad_r, grad_v,
             B, T, float(gamma), float(lam),

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import NAMESPACE, block, cast_to, interpreting
+from ._launch import NAMESPACE, block, cast_to, interpreting, launch
 
 _ESTIMATOR_CODE = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
 
@@ -78,8 +78,8 @@ def kl_forward(logprobs, ref_logprobs, estimator):
     n = lp.numel()
     if n:
         blk, warps = _config(n)
-        _kl_fwd_kernel[(triton.cdiv(n, blk),)](lp, ref, out, n, ESTIMATOR=_ESTIMATOR_CODE[estimator],
-                                               BLOCK=blk, num_warps=warps)
+        launch(_kl_fwd_kernel, (triton.cdiv(n, blk),), lp, ref, out, n,
+               ESTIMATOR=_ESTIMATOR_CODE[estimator], BLOCK=blk, num_warps=warps)
     return out
 
 
@@ -90,9 +90,8 @@ def kl_backward(grad, logprobs, ref_logprobs, estimator):
     n = lp.numel()
     if n:
         blk, warps = _config(n)
-        _kl_bwd_kernel[(triton.cdiv(n, blk),)](grad.contiguous(), lp, ref, grad_lp, grad_ref, n,
-                                               ESTIMATOR=_ESTIMATOR_CODE[estimator], BLOCK=blk,
-                                               SOFT_BF16=interpreting(), num_warps=warps)
+        launch(_kl_bwd_kernel, (triton.cdiv(n, blk),), grad.contiguous(), lp, ref, grad_lp, grad_ref, n,
+               ESTIMATOR=_ESTIMATOR_CODE[estimator], BLOCK=blk, SOFT_BF16=interpreting(), num_warps=warps)
     return grad_lp, grad_ref
 
 

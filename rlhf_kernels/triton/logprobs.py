@@ -15,7 +15,16 @@ in the logits dtype: no fp32 ``[N, V]`` temporary exists at any point.  Rows who
 
 Offsets: the row index is cast to int64 before it is multiplied by a stride, so tokens x vocab
 beyond 2^31 elements address correctly.  Logits may be any strided ``[..., V]`` view (for instance
-``logits[:, :-1]``): the kernel takes up to two leading strides, so such views are not copied.
+``logits[:, :-1]``): the kernel takes up to two leading strides, so such views are not copied.  A
+vocabulary stride other than 1 (``big[:, ::2]``, a transposed layout) is multiplied in int64 too:
+``cols * stride_v`` in int32 would wrap for V = 128256 and a stride of 32768.  The common stride-1
+case is a compile-time branch (``VOCAB_CONTIG``) that keeps 32-bit column offsets.
+
+Labels out of ``[0, V)`` (other than ``ignore_index``) reach the kernel only from callers that skip
+the Python check (CUDA tensors without ``RLHF_KERNELS_DEBUG=1``, or direct ``torch.ops`` calls):
+the label load is masked, never out of bounds, and the row's log-prob is NaN.  Its entropy and
+lse are computed as usual, and backward gives that row ``-softmax(z) * g / temperature`` (plus
+the entropy term): there is no label column to add the one-hot to.  The CUDA kernel does the same.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import NAMESPACE, block, cast_to, interpreting
+from ._launch import NAMESPACE, block, cast_to, interpreting, launch
 
 # ---------------------------------------------------------------------------------------------
 # Kernels
@@ -42,7 +51,7 @@ def _token_logprobs_fwd_kernel(
     stride_a, stride_t, stride_v,
     # constants
     temperature, ignore_index,
-    RETURN_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    RETURN_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr, VOCAB_CONTIG: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride may exceed 2^31
     a = row // T
@@ -57,7 +66,11 @@ def _token_logprobs_fwd_kernel(
     w = 0.0  # sum exp(z - m) * (z - m)
     for start in range(0, n_cols, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        x = tl.load(row_ptr + cols * stride_v, mask=cols < V, other=-float("inf"))
+        if VOCAB_CONTIG:
+            offs = cols
+        else:
+            offs = cols.to(tl.int64) * stride_v  # int32 would wrap past 2^31
+        x = tl.load(row_ptr + offs, mask=cols < V, other=-float("inf"))
         z = x.to(tl.float32) / temperature
         m_new = tl.maximum(m, tl.max(z, axis=0))
         # A finite reference point even while every value so far is -inf.
@@ -76,10 +89,13 @@ def _token_logprobs_fwd_kernel(
     m_ref = tl.where(m == -float("inf"), 0.0, m)
     log_s = tl.log(tl.where(valid, s, 1.0))  # ignored rows: s = 0
     lse = m_ref + log_s
-    safe_label = tl.where(valid, label, 0)
-    x_label = tl.load(row_ptr + safe_label * stride_v)  # in bounds: safe_label is in [0, V)
+    # Out-of-range labels (only from callers that skipped the Python check) load nothing: NaN.
+    in_range = (label >= 0) & (label < V)
+    safe_label = tl.where(valid & in_range, label, 0)  # int64: safe_label * stride_v cannot wrap
+    x_label = tl.load(row_ptr + safe_label * stride_v, mask=valid & in_range, other=0.0)
     z_label = x_label.to(tl.float32) / temperature
-    tl.store(logprob_ptr + row, tl.where(valid, z_label - lse, 0.0))
+    logprob = tl.where(in_range, z_label - lse, float("nan"))
+    tl.store(logprob_ptr + row, tl.where(valid, logprob, 0.0))
     tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
     if RETURN_ENTROPY:
         tl.store(entropy_ptr + row, tl.where(valid, log_s - w / tl.where(valid, s, 1.0), 0.0))
@@ -97,6 +113,7 @@ def _token_logprobs_bwd_kernel(
     # constants
     temperature, ignore_index,
     HAS_GRAD_LP: tl.constexpr, HAS_GRAD_ENT: tl.constexpr, BLOCK_V: tl.constexpr, SOFT_BF16: tl.constexpr,
+    VOCAB_CONTIG: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     a = row // T
@@ -118,11 +135,15 @@ def _token_logprobs_bwd_kernel(
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         in_row = cols < V
-        x = tl.load(row_ptr + cols * stride_v, mask=cols < n_read, other=-float("inf"))
+        if VOCAB_CONTIG:
+            offs = cols
+        else:
+            offs = cols.to(tl.int64) * stride_v  # int32 would wrap past 2^31
+        x = tl.load(row_ptr + offs, mask=cols < n_read, other=-float("inf"))
         z = x.to(tl.float32) / temperature
         log_p = z - lse
         p = tl.exp(log_p)
-        # d logprob / dz = onehot(label) - p, formed in fp32 before the one rounding to the
+        # d logprob / dz = onehot(label) - p (no one-hot for a label out of [0, V)), formed in fp32 before the one rounding to the
         # logits dtype (in bf16, 1 - p would cancel as p -> 1).
         g = tl.where(cols == label, g_lp, 0.0) - p * g_lp
         if HAS_GRAD_ENT:
@@ -156,12 +177,13 @@ def token_logprobs_forward(logits, labels, temperature, ignore_index, return_ent
     if n == 0:
         return logprob, lse, entropy
     block_v, num_warps = _config(logits)
-    _token_logprobs_fwd_kernel[(n,)](
+    launch(_token_logprobs_fwd_kernel, (n,),
         logits, labels, logprob, lse, entropy if return_entropy else logprob,
         T, V,
         logits.stride(0), logits.stride(1), logits.stride(2),
         float(temperature), int(ignore_index),
-        RETURN_ENTROPY=bool(return_entropy), BLOCK_V=block_v, num_warps=num_warps,
+        RETURN_ENTROPY=bool(return_entropy), BLOCK_V=block_v, VOCAB_CONTIG=logits.stride(2) == 1,
+        num_warps=num_warps,
     )
     return logprob, lse, entropy
 
@@ -178,13 +200,13 @@ def token_logprobs_backward(grad_logprob, grad_entropy, logits, labels, lse, ent
     g_lp = grad_logprob.contiguous() if has_lp else lse
     g_ent = grad_entropy.contiguous() if has_ent else lse
     block_v, num_warps = _config(logits)
-    _token_logprobs_bwd_kernel[(n,)](
+    launch(_token_logprobs_bwd_kernel, (n,),
         g_lp, g_ent, logits, labels, lse, entropy if has_ent else lse, grad_logits,
         T, V,
         logits.stride(0), logits.stride(1), logits.stride(2),
         float(temperature), int(ignore_index),
         HAS_GRAD_LP=has_lp, HAS_GRAD_ENT=has_ent, BLOCK_V=block_v, SOFT_BF16=interpreting(),
-        num_warps=num_warps,
+        VOCAB_CONTIG=logits.stride(2) == 1, num_warps=num_warps,
     )
     return grad_logits
 

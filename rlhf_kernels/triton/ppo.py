@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import NAMESPACE, block, cast_to, interpreting
+from ._launch import NAMESPACE, block, cast_to, interpreting, launch
 
 _AGG_CODE = {"token-mean": 0, "seq-mean-token-mean": 1, "seq-mean-token-sum": 2}
 # Output layout of the finalize program: loss, three stat slots, n_valid, n_rows_with_tokens.
@@ -323,8 +323,8 @@ def _row_config(T: int):
 
 def _finalize(partials, R, agg, loss_scale, device):
     out = torch.empty(_OUT_SIZE, dtype=torch.float32, device=device)
-    _finalize_kernel[(1,)](partials, out, R, float(max(R, 1)), float(loss_scale), AGG=_AGG_CODE[agg],
-                           BLOCK_R=block(R, 1024, 1024), num_warps=4)
+    launch(_finalize_kernel, (1,), partials, out, R, float(max(R, 1)), float(loss_scale), AGG=_AGG_CODE[agg],
+           BLOCK_R=block(R, 1024, 1024), num_warps=4)
     return out
 
 
@@ -333,7 +333,7 @@ def policy_forward(lp, old, adv, mask, clip_low, clip_high, dual_clip, agg):
     partials = torch.empty((_N_PARTIALS, R), dtype=torch.float32, device=lp.device)
     if R:
         blk, warps = _row_config(T)
-        _policy_fwd_kernel[(R,)](
+        launch(_policy_fwd_kernel, (R,),
             lp.contiguous(), old.contiguous(), adv.contiguous(), mask.contiguous().view(torch.uint8), partials,
             R, T, n, float(clip_low), float(clip_high), float(dual_clip or 0.0),
             HAS_DUAL=dual_clip is not None, BLOCK_T=blk, num_warps=warps)
@@ -345,7 +345,7 @@ def policy_backward(grad_out, lp, old, adv, mask, out, partials, clip_low, clip_
     grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (lp, old, adv)]
     if R:
         blk, warps = _row_config(T)
-        _policy_bwd_kernel[(R,)](
+        launch(_policy_bwd_kernel, (R,),
             grad_out.contiguous(), lp.contiguous(), old.contiguous(), adv.contiguous(),
             mask.contiguous().view(torch.uint8), out, partials, *grads,
             R, T, n, float(max(R, 1)), float(clip_low), float(clip_high), float(dual_clip or 0.0),
@@ -362,7 +362,7 @@ def value_forward(v, old, ret, mask, clip, agg):
     partials = torch.empty((_N_PARTIALS, R), dtype=torch.float32, device=v.device)
     if R:
         blk, warps = _row_config(T)
-        _value_fwd_kernel[(R,)](
+        launch(_value_fwd_kernel, (R,),
             v.contiguous(), old.contiguous(), ret.contiguous(), mask.contiguous().view(torch.uint8), partials,
             R, T, n, float(clip or 0.0), HAS_CLIP=clip is not None, BLOCK_T=blk, num_warps=warps)
     return _finalize(partials, R, agg, _VALUE_SCALE, v.device), partials
@@ -373,7 +373,7 @@ def value_backward(grad_out, v, old, ret, mask, out, partials, clip, agg):
     grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (v, old, ret)]
     if R:
         blk, warps = _row_config(T)
-        _value_bwd_kernel[(R,)](
+        launch(_value_bwd_kernel, (R,),
             grad_out.contiguous(), v.contiguous(), old.contiguous(), ret.contiguous(),
             mask.contiguous().view(torch.uint8), out, partials, *grads,
             R, T, n, float(max(R, 1)), float(clip or 0.0), _VALUE_SCALE,

@@ -27,9 +27,12 @@ from ._api import (
     ppo_value_loss,
     token_logprobs,
 )
-from ._dispatch import BACKEND_NAMES, OPS, BackendUnavailableError
+from ._dispatch import BACKEND_NAMES, BackendUnavailableError
 from ._info import available_backends, info
+from ._registry import ops as _declared_ops
 
+# The public ops, in declaration order (the functions of _api declared with @public_op).
+OPS = _declared_ops()
 __version__ = "0.1.0"
 
 __all__ = [

@@ -18,9 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._registry import code, register_impl
 from ._launch import NAMESPACE, block, cast_to, interpreting
-
-_LOSS_CODE = {"sigmoid": 0, "ipo": 1, "hinge": 2, "robust": 3}
 
 
 @triton.jit
@@ -98,25 +97,25 @@ def _config(B: int):
     return block(B, 1024, 4096), 4
 
 
-def dpo_forward(pc, pr, rc, rr, beta, loss_type, label_smoothing):
+def dpo_loss_forward(pc, pr, rc, rr, beta, loss_type, label_smoothing):
     B = pc.shape[0]
     outs = [torch.empty(B, dtype=torch.float32, device=pc.device) for _ in range(3)]
     if B:
         blk, warps = _config(B)
         _dpo_fwd_kernel[(triton.cdiv(B, blk),)](
             pc.contiguous(), pr.contiguous(), rc.contiguous(), rr.contiguous(), *outs, B,
-            float(beta), float(label_smoothing), LOSS=_LOSS_CODE[loss_type], BLOCK=blk, num_warps=warps)
+            float(beta), float(label_smoothing), LOSS=code("dpo_loss_type", loss_type), BLOCK=blk, num_warps=warps)
     return tuple(outs)
 
 
-def dpo_backward(grad, pc, pr, rc, rr, beta, loss_type, label_smoothing):
+def dpo_loss_backward(grad, pc, pr, rc, rr, beta, loss_type, label_smoothing):
     B = pc.shape[0]
     grads = [torch.empty(B, dtype=t.dtype, device=t.device) for t in (pc, pr, rc, rr)]
     if B:
         blk, warps = _config(B)
         _dpo_bwd_kernel[(triton.cdiv(B, blk),)](
             grad.contiguous(), pc.contiguous(), pr.contiguous(), rc.contiguous(), rr.contiguous(), *grads, B,
-            float(beta), float(label_smoothing), LOSS=_LOSS_CODE[loss_type], BLOCK=blk,
+            float(beta), float(label_smoothing), LOSS=code("dpo_loss_type", loss_type), BLOCK=blk,
             SOFT_BF16=interpreting(), num_warps=warps)
     return tuple(grads)
 
@@ -125,7 +124,7 @@ def dpo_backward(grad, pc, pr, rc, rr, beta, loss_type, label_smoothing):
 def dpo_loss_fwd(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
                  ref_rejected: torch.Tensor, beta: float, loss_type: str,
                  label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return dpo_forward(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type, label_smoothing)
+    return dpo_loss_forward(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type, label_smoothing)
 
 
 @dpo_loss_fwd.register_fake
@@ -137,7 +136,7 @@ def _(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type,
 def dpo_loss_bwd(grad: torch.Tensor, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
                  ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, beta: float, loss_type: str,
                  label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return dpo_backward(grad, policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type,
+    return dpo_loss_backward(grad, policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type,
                         label_smoothing)
 
 
@@ -161,6 +160,7 @@ def _backward(ctx, grad_losses, grad_chosen, grad_rejected):
 dpo_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+@register_impl("triton", "dpo_loss")
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type, label_smoothing):
     """Same contract as :func:`rlhf_kernels.reference.dpo_loss`."""
     losses, chosen, rejected = dpo_loss_fwd(policy_chosen, policy_rejected, ref_chosen, ref_rejected,

@@ -11,9 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._registry import code, register_impl
 from ._launch import NAMESPACE, block, cast_to, interpreting
-
-_ESTIMATOR_CODE = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
 
 
 @triton.jit
@@ -72,18 +71,18 @@ def _config(n: int):
     return block(n, 1024, 4096), 4
 
 
-def kl_forward(logprobs, ref_logprobs, estimator):
+def kl_penalty_forward(logprobs, ref_logprobs, estimator):
     lp, ref = logprobs.contiguous(), ref_logprobs.contiguous()
     out = torch.empty(lp.shape, dtype=torch.float32, device=lp.device)
     n = lp.numel()
     if n:
         blk, warps = _config(n)
-        _kl_fwd_kernel[(triton.cdiv(n, blk),)](lp, ref, out, n, ESTIMATOR=_ESTIMATOR_CODE[estimator],
+        _kl_fwd_kernel[(triton.cdiv(n, blk),)](lp, ref, out, n, ESTIMATOR=code("kl_estimator", estimator),
                                                BLOCK=blk, num_warps=warps)
     return out
 
 
-def kl_backward(grad, logprobs, ref_logprobs, estimator):
+def kl_penalty_backward(grad, logprobs, ref_logprobs, estimator):
     lp, ref = logprobs.contiguous(), ref_logprobs.contiguous()
     grad_lp = torch.empty(lp.shape, dtype=lp.dtype, device=lp.device)
     grad_ref = torch.empty(ref.shape, dtype=ref.dtype, device=ref.device)
@@ -91,14 +90,14 @@ def kl_backward(grad, logprobs, ref_logprobs, estimator):
     if n:
         blk, warps = _config(n)
         _kl_bwd_kernel[(triton.cdiv(n, blk),)](grad.contiguous(), lp, ref, grad_lp, grad_ref, n,
-                                               ESTIMATOR=_ESTIMATOR_CODE[estimator], BLOCK=blk,
+                                               ESTIMATOR=code("kl_estimator", estimator), BLOCK=blk,
                                                SOFT_BF16=interpreting(), num_warps=warps)
     return grad_lp, grad_ref
 
 
 @torch.library.custom_op(f"{NAMESPACE}::kl_penalty_fwd", mutates_args=())
 def kl_penalty_fwd(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
-    return kl_forward(logprobs, ref_logprobs, estimator)
+    return kl_penalty_forward(logprobs, ref_logprobs, estimator)
 
 
 @kl_penalty_fwd.register_fake
@@ -109,7 +108,7 @@ def _(logprobs, ref_logprobs, estimator):
 @torch.library.custom_op(f"{NAMESPACE}::kl_penalty_bwd", mutates_args=())
 def kl_penalty_bwd(grad: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                    estimator: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return kl_backward(grad, logprobs, ref_logprobs, estimator)
+    return kl_penalty_backward(grad, logprobs, ref_logprobs, estimator)
 
 
 @kl_penalty_bwd.register_fake
@@ -132,6 +131,7 @@ def _backward(ctx, grad):
 kl_penalty_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+@register_impl("triton", "kl_penalty")
 def kl_penalty(logprobs, ref_logprobs, estimator):
     """Same contract as :func:`rlhf_kernels.reference.kl_penalty`."""
     return kl_penalty_fwd(logprobs, ref_logprobs, estimator)

@@ -12,7 +12,7 @@ import torch
 
 from . import _validation as checks
 from ._dispatch import check_composite, resolve
-from ._registry import AGG_MODES, KL_ESTIMATORS, LOSS_TYPES, public_op
+from ._registry import AGG_MODES, KL_ESTIMATORS, LOSS_TYPES, ops, public_op
 from .reference import masked as _masked
 
 _INT_LABEL_DTYPES = (torch.int64, torch.int32)
@@ -360,3 +360,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
         raise TypeError(f"shift_mean must be a bool, got {type(shift_mean).__name__}")
     check_composite("masked_whiten", backend, x.device)
     return _masked.masked_whiten(x, mask, shift_mean)
+
+
+# The public functions: every op declared above, and the two masked reductions.
+__all__ = [*ops(), "masked_mean", "masked_whiten"]

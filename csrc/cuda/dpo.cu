@@ -36,14 +36,14 @@ __global__ void dpo_bwd_kernel(const float* __restrict__ g, const float* __restr
 namespace cuda_launch {
 
 int dpo_loss_forward(const float* pc, const float* pr, const float* rc, const float* rr, int64_t n, float beta, int type,
-            float ls, float* losses, float* cr, float* rj, void* stream) {
+                     float ls, float* losses, float* cr, float* rj, void* stream) {
   if (n == 0) return 0;
   dpo_fwd_kernel<<<grid_for(n), kThreads, 0, RK_STREAM>>>(pc, pr, rc, rr, n, beta, type, ls, losses, cr, rj);
   return last_error();
 }
 
 int dpo_loss_backward(const float* g, const float* pc, const float* pr, const float* rc, const float* rr, int64_t n, float beta,
-            int type, float ls, float* gpc, float* gpr, float* grc, float* grr, void* stream) {
+                      int type, float ls, float* gpc, float* gpr, float* grc, float* grr, void* stream) {
   if (n == 0) return 0;
   dpo_bwd_kernel<<<grid_for(n), kThreads, 0, RK_STREAM>>>(g, pc, pr, rc, rr, n, beta, type, ls, gpc, gpr, grc, grr);
   return last_error();

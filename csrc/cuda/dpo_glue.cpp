@@ -14,7 +14,7 @@ int dpo_loss_forward(const float* pc, const float* pr, const float* rc, const fl
             float label_smoothing, float* losses, float* chosen_rewards, float* rejected_rewards, void* stream);
 int dpo_loss_backward(const float* g_losses, const float* pc, const float* pr, const float* rc, const float* rr, int64_t n,
             float beta, int loss_type, float label_smoothing, float* g_pc, float* g_pr, float* g_rc, float* g_rr,
-            void* stream);
+                      void* stream);
 
 }  // namespace cuda_launch
 
@@ -27,7 +27,7 @@ Tensor3 dpo_loss_fwd(const Tensor& pc, const Tensor& pr, const Tensor& rc, const
   const int64_t n = a.numel();
   Tensor losses = at::empty({n}, a.options()), cr = at::empty({n}, a.options()), rj = at::empty({n}, a.options());
   check(L::dpo_loss_forward(fp(a), fp(b), fp(c), fp(d), n, static_cast<float>(beta), static_cast<int>(loss_type),
-                   static_cast<float>(label_smoothing), fp(losses), fp(cr), fp(rj), stream()),
+                            static_cast<float>(label_smoothing), fp(losses), fp(cr), fp(rj), stream()),
         "dpo_loss_fwd");
   return {losses, cr, rj};
 }
@@ -40,7 +40,7 @@ Tensor4 dpo_loss_bwd(const Tensor& grad_losses, const Tensor& pc, const Tensor& 
   Tensor ga = at::empty({n}, a.options()), gb = at::empty({n}, a.options()), gc = at::empty({n}, a.options()),
          gd = at::empty({n}, a.options());
   check(L::dpo_loss_backward(fp(g), fp(a), fp(b), fp(c), fp(d), n, static_cast<float>(beta), static_cast<int>(loss_type),
-                   static_cast<float>(label_smoothing), fp(ga), fp(gb), fp(gc), fp(gd), stream()),
+                             static_cast<float>(label_smoothing), fp(ga), fp(gb), fp(gc), fp(gd), stream()),
         "dpo_loss_bwd");
   return {ga.to(pc.scalar_type()), gb.to(pr.scalar_type()), gc.to(rc.scalar_type()), gd.to(rr.scalar_type())};
 }

@@ -34,14 +34,14 @@ __global__ void gae_bwd_kernel(const float* __restrict__ gA, const float* __rest
 namespace cuda_launch {
 
 int gae_forward(const float* r, const float* v, const bool* m, int64_t B, int64_t T, float gamma, float gl, float* adv,
-            float* ret, void* stream) {
+                float* ret, void* stream) {
   if (B * T == 0) return 0;
   gae_fwd_kernel<<<static_cast<unsigned>((B + 127) / 128), 128, 0, RK_STREAM>>>(r, v, m, adv, ret, B, T, gamma, gl);
   return last_error();
 }
 
 int gae_backward(const float* gA, const float* gR, const bool* m, int64_t B, int64_t T, float gamma, float gl, float* dr,
-            float* dv, void* stream) {
+                 float* dv, void* stream) {
   if (B * T == 0) return 0;
   gae_bwd_kernel<<<static_cast<unsigned>((B + 127) / 128), 128, 0, RK_STREAM>>>(gA, gR, m, dr, dv, B, T, gamma, gl);
   return last_error();

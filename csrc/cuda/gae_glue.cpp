@@ -11,9 +11,9 @@ namespace cuda_launch {
 
 // Defined in csrc/cuda/gae.cu.
 int gae_forward(const float* rewards, const float* values, const bool* mask, int64_t B, int64_t T, float gamma,
-            float gamma_lam, float* advantages, float* returns, void* stream);
+                float gamma_lam, float* advantages, float* returns, void* stream);
 int gae_backward(const float* g_adv, const float* g_ret, const bool* mask, int64_t B, int64_t T, float gamma,
-            float gamma_lam, float* g_rewards, float* g_values, void* stream);
+                 float gamma_lam, float* g_rewards, float* g_values, void* stream);
 
 }  // namespace cuda_launch
 
@@ -25,7 +25,7 @@ Tensor2 gae_fwd(const Tensor& rewards, const Tensor& values, const Tensor& mask,
   const int64_t B = r.size(0), T = r.size(1);
   Tensor adv = at::empty({B, T}, r.options()), ret = at::empty({B, T}, r.options());
   check(L::gae_forward(fp(r), fp(v), m.data_ptr<bool>(), B, T, static_cast<float>(gamma), static_cast<float>(gamma * lam),
-                   fp(adv), fp(ret), stream()),
+                       fp(adv), fp(ret), stream()),
         "gae_fwd");
   return {adv, ret};
 }
@@ -37,7 +37,7 @@ Tensor2 gae_bwd(const Tensor& grad_advantages, const Tensor& grad_returns, const
   const int64_t B = m.size(0), T = m.size(1);
   Tensor dr = at::empty({B, T}, gA.options()), dv = at::empty({B, T}, gA.options());
   check(L::gae_backward(fp(gA), fp(gR), m.data_ptr<bool>(), B, T, static_cast<float>(gamma),
-                   static_cast<float>(gamma * lam), fp(dr), fp(dv), stream()),
+                        static_cast<float>(gamma * lam), fp(dr), fp(dv), stream()),
         "gae_bwd");
   return {dr, dv};
 }

@@ -35,7 +35,7 @@ int kl_penalty_forward(const float* a, const float* b, int64_t n, int est, float
 }
 
 int kl_penalty_backward(const float* g, const float* a, const float* b, int64_t n, int est, float* ga, float* gb,
-                   void* stream) {
+                        void* stream) {
   if (n == 0) return 0;
   kl_bwd_kernel<<<grid_for(n), kThreads, 0, RK_STREAM>>>(g, a, b, ga, gb, n, est);
   return last_error();

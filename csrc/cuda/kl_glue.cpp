@@ -12,7 +12,7 @@ namespace cuda_launch {
 // Defined in csrc/cuda/kl.cu.
 int kl_penalty_forward(const float* logprobs, const float* ref, int64_t n, int estimator, float* out, void* stream);
 int kl_penalty_backward(const float* grad, const float* logprobs, const float* ref, int64_t n, int estimator,
-                   float* g_logprobs, float* g_ref, void* stream);
+                        float* g_logprobs, float* g_ref, void* stream);
 
 }  // namespace cuda_launch
 
@@ -31,7 +31,7 @@ Tensor2 kl_penalty_bwd(const Tensor& grad, const Tensor& logprobs, const Tensor&
   const Tensor a = f32(logprobs), b = f32(ref_logprobs), g = f32(grad);
   Tensor ga = at::empty(a.sizes(), a.options()), gb = at::empty(a.sizes(), a.options());
   check(L::kl_penalty_backward(fp(g), fp(a), fp(b), a.numel(), static_cast<int>(estimator), fp(ga), fp(gb), stream()),
-        "kl_penalty_bwd");
+                               "kl_penalty_bwd");
   return {ga.to(logprobs.scalar_type()), gb.to(ref_logprobs.scalar_type())};
 }
 

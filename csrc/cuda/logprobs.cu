@@ -138,8 +138,8 @@ int launch_bwd(const void* logits, int64_t row_stride, int64_t n, int64_t vocab,
 namespace cuda_launch {
 
 int token_logprobs_forward(const void* logits, int dtype, int64_t row_stride, int64_t n, int64_t vocab,
-                       const int64_t* labels, float inv_t, int64_t ignore_index, bool with_entropy, float* logprobs,
-                       float* lse, float* entropy, void* stream) {
+                           const int64_t* labels, float inv_t, int64_t ignore_index, bool with_entropy, float* logprobs,
+                           float* lse, float* entropy, void* stream) {
   if (n == 0) return 0;
   auto s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
@@ -150,8 +150,8 @@ int token_logprobs_forward(const void* logits, int dtype, int64_t row_stride, in
 }
 
 int token_logprobs_backward(const void* logits, int dtype, int64_t row_stride, int64_t n, int64_t vocab,
-                       const int64_t* labels, const float* lse, const float* entropy, const float* g_logprobs,
-                       const float* g_entropy, float inv_t, int64_t ignore_index, void* grad, void* stream) {
+                            const int64_t* labels, const float* lse, const float* entropy, const float* g_logprobs,
+                            const float* g_entropy, float inv_t, int64_t ignore_index, void* grad, void* stream) {
   if (n == 0 || vocab == 0) return 0;
   auto s = static_cast<cudaStream_t>(stream);
   switch (dtype) {

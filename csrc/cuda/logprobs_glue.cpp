@@ -12,12 +12,12 @@ namespace cuda_launch {
 // Defined in csrc/cuda/logprobs.cu.
 // token_logprobs: logits [n, vocab] of dtype, row stride in elements, unit column stride.
 int token_logprobs_forward(const void* logits, int dtype, int64_t row_stride, int64_t n, int64_t vocab,
-                       const int64_t* labels, float inv_t, int64_t ignore_index, bool with_entropy,
-                       float* logprobs, float* lse, float* entropy, void* stream);
+                           const int64_t* labels, float inv_t, int64_t ignore_index, bool with_entropy,
+                           float* logprobs, float* lse, float* entropy, void* stream);
 // grad [n, vocab] contiguous, same dtype as logits; g_entropy may be null.
 int token_logprobs_backward(const void* logits, int dtype, int64_t row_stride, int64_t n, int64_t vocab,
-                       const int64_t* labels, const float* lse, const float* entropy, const float* g_logprobs,
-                       const float* g_entropy, float inv_t, int64_t ignore_index, void* grad, void* stream);
+                            const int64_t* labels, const float* lse, const float* entropy, const float* g_logprobs,
+                            const float* g_entropy, float inv_t, int64_t ignore_index, void* grad, void* stream);
 
 }  // namespace cuda_launch
 
@@ -33,8 +33,8 @@ Tensor3 token_logprobs_fwd(const Tensor& logits_in, const Tensor& labels_in, dou
   auto opts = logits.options().dtype(at::kFloat);
   Tensor lp = at::empty({n}, opts), lse = at::empty({n}, opts), ent = at::empty({n}, opts);
   check(L::token_logprobs_forward(logits.data_ptr(), dtype_code(logits), logits.stride(0), n, vocab,
-                              labels.data_ptr<int64_t>(), static_cast<float>(1.0 / temperature), ignore_index,
-                              with_entropy, fp(lp), fp(lse), fp(ent), stream()),
+                                  labels.data_ptr<int64_t>(), static_cast<float>(1.0 / temperature), ignore_index,
+                                  with_entropy, fp(lp), fp(lse), fp(ent), stream()),
         "token_logprobs_fwd");
   return {lp, lse, ent};
 }
@@ -51,7 +51,7 @@ Tensor token_logprobs_bwd(const Tensor& grad_logprobs, const std::optional<Tenso
   Tensor g_ent;
   if (grad_entropy.has_value() && grad_entropy->defined()) g_ent = f32(*grad_entropy);
   check(L::token_logprobs_backward(logits.data_ptr(), dtype_code(logits), logits.stride(0), n, vocab,
-                              labels.data_ptr<int64_t>(), fp(lse_c), fp(ent_c), fp(g_lp),
+                                   labels.data_ptr<int64_t>(), fp(lse_c), fp(ent_c), fp(g_lp),
                               g_ent.defined() ? fp(g_ent) : nullptr, static_cast<float>(1.0 / temperature),
                               ignore_index, grad.data_ptr(), stream()),
         "token_logprobs_bwd");

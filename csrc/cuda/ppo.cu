@@ -108,8 +108,8 @@ __global__ void ppo_value_bwd_kernel(const float* __restrict__ g_loss, const flo
 namespace cuda_launch {
 
 int ppo_policy_loss_forward(const float* lp, const float* old, const float* adv, const bool* m, int64_t B, int64_t T, float cl,
-                   float ch, bool has_dual, float dc, int agg, float* ws, float* loss, float* stats, float* w,
-                   void* stream) {
+                            float ch, bool has_dual, float dc, int agg, float* ws, float* loss, float* stats, float* w,
+                            void* stream) {
   if (B > 0) ppo_policy_rows_kernel<<<static_cast<unsigned>(B), kThreads, 0, RK_STREAM>>>(lp, old, adv, m, ws, T, cl, ch, has_dual, dc);
   ppo_finalize_kernel<<<1, kThreads, 0, RK_STREAM>>>(ws, B, agg, 1.0f, 3, loss, stats, w);
   return last_error();
@@ -117,7 +117,7 @@ int ppo_policy_loss_forward(const float* lp, const float* old, const float* adv,
 
 int ppo_policy_loss_backward(const float* g_loss, const float* lp, const float* old, const float* adv, const bool* m,
                    const float* w, int64_t B, int64_t T, float cl, float ch, bool has_dual, float dc, float* dlp,
-                   float* dold, float* dadv, void* stream) {
+                             float* dold, float* dadv, void* stream) {
   const int64_t n = B * T;
   if (n == 0) return 0;
   ppo_policy_bwd_kernel<<<grid_for(n), kThreads, 0, RK_STREAM>>>(g_loss, lp, old, adv, m, w, n, T, cl, ch, has_dual,
@@ -126,16 +126,16 @@ int ppo_policy_loss_backward(const float* g_loss, const float* lp, const float* 
 }
 
 int ppo_value_loss_forward(const float* v, const float* old, const float* ret, const bool* m, int64_t B, int64_t T,
-                  bool has_clip, float clip, int agg, float* ws, float* loss, float* clipfrac, float* w,
-                  void* stream) {
+                           bool has_clip, float clip, int agg, float* ws, float* loss, float* clipfrac, float* w,
+                           void* stream) {
   if (B > 0) ppo_value_rows_kernel<<<static_cast<unsigned>(B), kThreads, 0, RK_STREAM>>>(v, old, ret, m, ws, T, has_clip, clip);
   ppo_finalize_kernel<<<1, kThreads, 0, RK_STREAM>>>(ws, B, agg, 0.5f, 1, loss, clipfrac, w);
   return last_error();
 }
 
 int ppo_value_loss_backward(const float* g_loss, const float* v, const float* old, const float* ret, const bool* m,
-                  const float* w, int64_t B, int64_t T, bool has_clip, float clip, float* dv, float* dold,
-                  float* dret, void* stream) {
+                            const float* w, int64_t B, int64_t T, bool has_clip, float clip, float* dv, float* dold,
+                            float* dret, void* stream) {
   const int64_t n = B * T;
   if (n == 0) return 0;
   ppo_value_bwd_kernel<<<grid_for(n), kThreads, 0, RK_STREAM>>>(g_loss, v, old, ret, m, w, n, T, has_clip, clip, dv,

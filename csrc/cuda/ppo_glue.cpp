@@ -14,17 +14,17 @@ namespace cuda_launch {
 // row_weight [B] (the per-token weight of each row in the aggregated loss, saved for backward).
 // The backward reads the upstream gradient from device memory: no host sync anywhere.
 int ppo_policy_loss_forward(const float* logprobs, const float* old_logprobs, const float* adv, const bool* mask, int64_t B,
-                   int64_t T, float clip_low, float clip_high, bool has_dual, float dual_clip, int agg,
-                   float* workspace, float* loss, float* stats, float* row_weight, void* stream);
+                            int64_t T, float clip_low, float clip_high, bool has_dual, float dual_clip, int agg,
+                            float* workspace, float* loss, float* stats, float* row_weight, void* stream);
 int ppo_policy_loss_backward(const float* g_loss, const float* logprobs, const float* old_logprobs, const float* adv,
                    const bool* mask, const float* row_weight, int64_t B, int64_t T, float clip_low, float clip_high,
                    bool has_dual, float dual_clip, float* g_logprobs, float* g_old, float* g_adv, void* stream);
 int ppo_value_loss_forward(const float* values, const float* old_values, const float* returns, const bool* mask, int64_t B,
                   int64_t T, bool has_clip, float clip, int agg, float* workspace, float* loss, float* clipfrac,
-                  float* row_weight, void* stream);
+                           float* row_weight, void* stream);
 int ppo_value_loss_backward(const float* g_loss, const float* values, const float* old_values, const float* returns,
-                  const bool* mask, const float* row_weight, int64_t B, int64_t T, bool has_clip, float clip,
-                  float* g_values, float* g_old, float* g_returns, void* stream);
+                            const bool* mask, const float* row_weight, int64_t B, int64_t T, bool has_clip, float clip,
+                            float* g_values, float* g_old, float* g_returns, void* stream);
 
 }  // namespace cuda_launch
 
@@ -39,7 +39,7 @@ Tensor3 ppo_policy_loss_fwd(const Tensor& logprobs, const Tensor& old_logprobs, 
   Tensor ws = at::empty({B * 5}, lp.options()), loss = at::empty({}, lp.options()), stats = at::empty({3}, lp.options()),
          w = at::empty({B}, lp.options());
   check(L::ppo_policy_loss_forward(fp(lp), fp(old), fp(adv), m.data_ptr<bool>(), B, T, static_cast<float>(clip_low),
-                          static_cast<float>(clip_high), dual_clip.has_value(),
+                                   static_cast<float>(clip_high), dual_clip.has_value(),
                           static_cast<float>(dual_clip.value_or(0.0)), static_cast<int>(agg), fp(ws), fp(loss),
                           fp(stats), fp(w), stream()),
         "ppo_policy_loss_fwd");
@@ -56,7 +56,7 @@ Tensor3 ppo_policy_loss_bwd(const Tensor& grad_loss, const Tensor& logprobs, con
   Tensor dlp = at::empty({B, T}, lp.options()), dold = at::empty({B, T}, lp.options()),
          dadv = at::empty({B, T}, lp.options());
   check(L::ppo_policy_loss_backward(fp(g), fp(lp), fp(old), fp(adv), m.data_ptr<bool>(), fp(w), B, T,
-                          static_cast<float>(clip_low), static_cast<float>(clip_high), dual_clip.has_value(),
+                                    static_cast<float>(clip_low), static_cast<float>(clip_high), dual_clip.has_value(),
                           static_cast<float>(dual_clip.value_or(0.0)), fp(dlp), fp(dold), fp(dadv), stream()),
         "ppo_policy_loss_bwd");
   return {dlp.to(logprobs.scalar_type()), dold.to(old_logprobs.scalar_type()), dadv.to(advantages.scalar_type())};
@@ -86,7 +86,7 @@ Tensor3 ppo_value_loss_bwd(const Tensor& grad_loss, const Tensor& values, const 
   Tensor dv = at::empty({B, T}, v.options()), dold = at::empty({B, T}, v.options()),
          dret = at::empty({B, T}, v.options());
   check(L::ppo_value_loss_backward(fp(g), fp(v), fp(old), fp(ret), m.data_ptr<bool>(), fp(w), B, T, clip.has_value(),
-                         static_cast<float>(clip.value_or(0.0)), fp(dv), fp(dold), fp(dret), stream()),
+                                   static_cast<float>(clip.value_or(0.0)), fp(dv), fp(dold), fp(dret), stream()),
         "ppo_value_loss_bwd");
   return {dv.to(values.scalar_type()), dold.to(old_values.scalar_type()), dret.to(returns.scalar_type())};
 }

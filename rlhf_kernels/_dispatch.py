@@ -41,12 +41,10 @@ def auto_order(device_type: str, op: str) -> tuple[str, ...]:
 
 
 def __getattr__(name: str):
-    # OPS and AUTO_ORDER are derived from the registry, which _api fills when it is imported (after
-    # this module), so they are computed on access rather than at import.
+    # OPS is derived from the registry, which _api fills when it is imported (after this module),
+    # so it is computed on access rather than at import.
     if name == "OPS":
         return _registry.ops()
-    if name == "AUTO_ORDER":
-        return {dev: {op: auto_order(dev, op) for op in _registry.ops()} for dev in ("cuda", "cpu")}
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -54,8 +54,8 @@ def public_op(*, family: str, cpu_auto_order: tuple[str, ...] = ("cpu", "referen
 
     def decorate(fn: Callable) -> Callable:
         name = fn.__name__
-        if name in _OPS:
-            raise RuntimeError(f"op {name!r} is declared twice")
+        if name in _OPS and _OPS[name].family != family:  # a reload re-declares the same op
+            raise RuntimeError(f"op {name!r} is declared twice, in families {_OPS[name].family!r} and {family!r}")
         _OPS[name] = OpSpec(name, family, tuple(cpu_auto_order))
         return fn
 

@@ -21,6 +21,11 @@ import triton.language as tl
 from .._registry import code, register_impl
 from ._launch import NAMESPACE, block, cast_to, interpreting
 
+# The loss-type codes the kernels branch on, from the registry (constexpr globals, as Triton requires).
+_SIGMOID = tl.constexpr(code("dpo_loss_type", "sigmoid"))
+_IPO = tl.constexpr(code("dpo_loss_type", "ipo"))
+_HINGE = tl.constexpr(code("dpo_loss_type", "hinge"))
+
 
 @triton.jit
 def _logsigmoid(x):
@@ -44,11 +49,11 @@ def _dpo_fwd_kernel(
     rejected = tl.load(pr_ptr + offs, mask=ok, other=0.0).to(tl.float32) - tl.load(
         rr_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     h = chosen - rejected
-    if LOSS == 0:
+    if LOSS == _SIGMOID:
         loss = -(1.0 - ls) * _logsigmoid(beta * h) - ls * _logsigmoid(-beta * h)
-    elif LOSS == 1:
+    elif LOSS == _IPO:
         loss = (h - 1.0 / (2.0 * beta)) * (h - 1.0 / (2.0 * beta))
-    elif LOSS == 2:
+    elif LOSS == _HINGE:
         loss = tl.maximum(1.0 - beta * h, 0.0)
     else:
         loss = (-(1.0 - ls) * _logsigmoid(beta * h) + ls * _logsigmoid(-beta * h)) / (1.0 - 2.0 * ls)
@@ -78,11 +83,11 @@ def _dpo_bwd_kernel(
     # d logsigmoid(x) / dx = sigmoid(-x);  d logsigmoid(-x) / dx = -sigmoid(x)
     sig_neg = 1.0 / (1.0 + tl.exp(x))
     sig_pos = 1.0 / (1.0 + tl.exp(-x))
-    if LOSS == 0:
+    if LOSS == _SIGMOID:
         dh = beta * (-(1.0 - ls) * sig_neg + ls * sig_pos)
-    elif LOSS == 1:
+    elif LOSS == _IPO:
         dh = 2.0 * (h - 1.0 / (2.0 * beta))
-    elif LOSS == 2:
+    elif LOSS == _HINGE:
         dh = tl.where(1.0 - x > 0, -beta, 0.0)
     else:
         dh = beta * (-(1.0 - ls) * sig_neg - ls * sig_pos) / (1.0 - 2.0 * ls)

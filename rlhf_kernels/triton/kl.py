@@ -14,6 +14,11 @@ import triton.language as tl
 from .._registry import code, register_impl
 from ._launch import NAMESPACE, block, cast_to, interpreting
 
+# The estimator codes the kernels branch on, from the registry (constexpr globals, as Triton requires).
+_K1 = tl.constexpr(code("kl_estimator", "k1"))
+_K2 = tl.constexpr(code("kl_estimator", "k2"))
+_K3 = tl.constexpr(code("kl_estimator", "k3"))
+
 
 @triton.jit
 def _kl_fwd_kernel(
@@ -28,11 +33,11 @@ def _kl_fwd_kernel(
     valid = offs < n
     d = tl.load(lp_ptr + offs, mask=valid, other=0.0).to(tl.float32) - tl.load(
         ref_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    if ESTIMATOR == 0:
+    if ESTIMATOR == _K1:
         k = d
-    elif ESTIMATOR == 1:
+    elif ESTIMATOR == _K2:
         k = 0.5 * d * d
-    elif ESTIMATOR == 2:
+    elif ESTIMATOR == _K3:
         k = tl.exp(-d) - 1.0 + d
     else:
         k = tl.abs(d)
@@ -53,11 +58,11 @@ def _kl_bwd_kernel(
     g = tl.load(grad_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     d = tl.load(lp_ptr + offs, mask=valid, other=0.0).to(tl.float32) - tl.load(
         ref_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    if ESTIMATOR == 0:
+    if ESTIMATOR == _K1:
         dk = tl.full(d.shape, 1.0, tl.float32)
-    elif ESTIMATOR == 1:
+    elif ESTIMATOR == _K2:
         dk = d
-    elif ESTIMATOR == 2:
+    elif ESTIMATOR == _K3:
         dk = 1.0 - tl.exp(-d)
     else:
         dk = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))  # sign(d), 0 at d == 0 as torch.abs

@@ -26,6 +26,10 @@ import triton.language as tl
 
 from .._registry import code, register_impl
 from ._launch import NAMESPACE, block, cast_to, interpreting
+
+# The aggregation codes the kernels branch on, from the registry (constexpr globals, as Triton requires).
+_TOKEN_MEAN = tl.constexpr(code("agg", "token-mean"))
+_SEQ_MEAN_TOKEN_MEAN = tl.constexpr(code("agg", "seq-mean-token-mean"))
 # Output layout of the finalize program: loss, three stat slots, n_valid, n_rows_with_tokens.
 _OUT_SIZE = 6
 _N_PARTIALS = 5
@@ -82,9 +86,9 @@ def _split_max(g, a, b):
 def _token_weight(out_ptr, partials_ptr, row, R, n_seq, AGG: tl.constexpr):
     """d loss / d (per-token loss) for a valid token of ``row``."""
     n_valid = tl.load(out_ptr + 4)
-    if AGG == 0:
+    if AGG == _TOKEN_MEAN:
         w = 1.0 / tl.maximum(n_valid, 1.0)
-    elif AGG == 1:
+    elif AGG == _SEQ_MEAN_TOKEN_MEAN:
         n_row = tl.load(partials_ptr + R + row)
         w = 1.0 / (tl.maximum(n_row, 1.0) * tl.maximum(tl.load(out_ptr + 5), 1.0))
     else:
@@ -273,7 +277,7 @@ def _finalize_kernel(
         ok = r < R
         row_loss = tl.load(partials_ptr + r, mask=ok, other=0.0)
         row_n = tl.load(partials_ptr + R + r, mask=ok, other=0.0)
-        if AGG == 1:
+        if AGG == _SEQ_MEAN_TOKEN_MEAN:
             row_loss = tl.where(row_n > 0, row_loss / tl.maximum(row_n, 1.0), 0.0)
         acc_loss += row_loss
         acc_n += row_n
@@ -285,9 +289,9 @@ def _finalize_kernel(
     n_valid = tl.sum(acc_n, axis=0)
     n_rows = tl.sum(acc_rows, axis=0)
     denom_n = tl.maximum(n_valid, 1.0)
-    if AGG == 0:
+    if AGG == _TOKEN_MEAN:
         loss = total / denom_n
-    elif AGG == 1:
+    elif AGG == _SEQ_MEAN_TOKEN_MEAN:
         loss = total / tl.maximum(n_rows, 1.0)
     else:
         loss = total / n_seq

@@ -25,8 +25,17 @@ END = "<!-- BENCHMARKS:END -->"
 BACKENDS = ("reference", "triton", "cuda", "cpu")
 FAST_BACKENDS = ("triton", "cuda", "cpu")
 PROVIDER_ORDER = ("triton", "cuda", "cpu", "reference", "liger", "torch_compile", "eager")
-OP_ORDER = ("token_logprobs", "gae", "kl_penalty", "ppo_policy_loss", "ppo_value_loss", "dpo_loss")
 MODE_ORDER = ("forward", "backward", "full")
+
+
+def _op_order() -> tuple[str, ...]:
+    """The package's ops in declaration order (rlhf_kernels.OPS); () where it cannot be imported,
+    so a report can still be made from result files alone (ops then sort by name)."""
+    try:
+        import rlhf_kernels
+    except Exception:
+        return ()
+    return tuple(rlhf_kernels.OPS)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -103,7 +112,8 @@ class Run:
         return a / b
 
     def ops(self):
-        return [op for op in OP_ORDER if op in self.cases] + sorted(set(self.cases) - set(OP_ORDER))
+        order = _op_order()
+        return [op for op in order if op in self.cases] + sorted(set(self.cases) - set(order))
 
     def sorted_keys(self, keys):
         return sorted(keys, key=lambda k: (self.shape_rank.get(k[1], 0), k[2],
@@ -243,7 +253,7 @@ def make_plots(run: Run, out_dir: Path, slug: str) -> dict[str, Path]:
 
 
 # ------------------------------------------------------------------------------------------------
-# design targets (../shared/DESIGN.md, "Performance targets") next to the measurements
+# performance targets (docs/architecture.md, "Performance targets") next to the measurements
 
 
 def _best_fast(run: Run, key) -> tuple[str | None, float | None]:

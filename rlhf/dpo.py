@@ -105,7 +105,7 @@ def dpo_terms(model, examples, pad_id, cfg, device):
 
 def train_dpo(cfg: DPOConfig) -> dict:
     # Fail before the (slow) reference pass on settings rlhf_kernels.dpo_loss would reject.
-    if cfg.loss_type not in ("sigmoid", "ipo", "hinge", "robust"):
+    if cfg.loss_type not in rk.reference.LOSS_TYPES:
         raise ValueError(f"loss_type must be one of sigmoid, ipo, hinge, robust; got {cfg.loss_type!r}")
     if cfg.beta <= 0:
         raise ValueError(f"beta must be > 0, got {cfg.beta}")

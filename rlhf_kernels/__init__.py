@@ -17,19 +17,14 @@ environment variable ``RLHF_KERNELS_BACKEND`` is honoured.  ``python -m rlhf_ker
 backends run on this machine.
 """
 
-from ._api import (
-    dpo_loss,
-    gae,
-    kl_penalty,
-    masked_mean,
-    masked_whiten,
-    ppo_policy_loss,
-    ppo_value_loss,
-    token_logprobs,
-)
-from ._dispatch import BACKEND_NAMES, OPS, BackendUnavailableError
+from . import _api
+from ._api import *  # noqa: F403  (every op declared with @public_op, masked_mean, masked_whiten)
+from ._dispatch import BACKEND_NAMES, BackendUnavailableError
 from ._info import available_backends, info
+from ._registry import ops as _declared_ops
 
+# The public ops, in declaration order (the functions of _api declared with @public_op).
+OPS = _declared_ops()
 __version__ = "0.1.0"
 
 __all__ = [
@@ -38,13 +33,6 @@ __all__ = [
     "OPS",
     "__version__",
     "available_backends",
-    "dpo_loss",
-    "gae",
     "info",
-    "kl_penalty",
-    "masked_mean",
-    "masked_whiten",
-    "ppo_policy_loss",
-    "ppo_value_loss",
-    "token_logprobs",
+    *_api.__all__,
 ]

@@ -1,7 +1,8 @@
 """Public functional API of rlhf_kernels.
 
 Every function validates its arguments (errors name the argument), picks a backend (see
-:mod:`rlhf_kernels._dispatch`) and calls it.  The reference backend in
+:mod:`rlhf_kernels._dispatch`) and calls it.  ``@public_op`` declares each op in the registry
+(:mod:`rlhf_kernels._registry`): the op set is the functions declared here.  The reference backend in
 :mod:`rlhf_kernels.reference` defines the semantics; every other backend is tested equal to it.
 """
 
@@ -9,14 +10,22 @@ from __future__ import annotations
 
 import torch
 
-from . import _validation as V
-from ._dispatch import resolve
-from .reference import AGG_MODES, KL_ESTIMATORS, LOSS_TYPES
+from . import _validation as checks
+from ._dispatch import check_composite, resolve
+from ._registry import AGG_MODES, KL_ESTIMATORS, LOSS_TYPES, ops, public_op
 from .reference import masked as _masked
 
 _INT_LABEL_DTYPES = (torch.int64, torch.int32)
 
+# On CPU tensors "auto" prefers the reference for kl_penalty and dpo_loss: measured
+# (benchmarks/results/REPORT.md, CPU run 20261125T172106Z), the per-call cost of the compiled op makes
+# these small elementwise ops slower than eager (0.2-0.5x eager, against 0.55-1.0x for the
+# reference), while the C++ kernels win on token_logprobs (2-4x eager, forward+backward), gae (26-46x
+# the Python loop) and the PPO losses (1.0-1.8x).
+_REFERENCE_FIRST = ("reference", "cpu")
 
+
+@public_op(family="logprobs")
 def token_logprobs(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -58,15 +67,15 @@ def token_logprobs(
     Replaces ``torch.log_softmax(logits.float() / T, -1).gather(-1, labels[..., None])`` (the way
     TRL, OpenRLHF and verl compute it) without materialising the fp32 ``[N, V]`` log-softmax.
     """
-    V.check_float("logits", logits)
-    V.check_tensor("labels", labels)
+    checks.check_float("logits", logits)
+    checks.check_tensor("labels", labels)
     if logits.dim() < 1:
         raise ValueError("logits must have at least one dimension (the vocabulary), got a 0-d tensor")
     if labels.dtype not in _INT_LABEL_DTYPES:
         raise TypeError(f"labels must be an int64 (or int32) tensor, got {labels.dtype}")
-    V.check_shape("labels", labels, logits.shape[:-1], "logits.shape[:-1]")
-    V.check_same_device({"logits": logits, "labels": labels})
-    temperature = V.check_temperature(temperature)
+    checks.check_shape("labels", labels, logits.shape[:-1], "logits.shape[:-1]")
+    checks.check_same_device({"logits": logits, "labels": labels})
+    temperature = checks.check_temperature(temperature)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not isinstance(return_entropy, bool):
@@ -75,12 +84,13 @@ def token_logprobs(
     if vocab == 0 and labels.numel() > 0:
         raise ValueError("logits must have a non-empty last dimension (the vocabulary size V)")
     labels = labels.long()
-    V.check_labels(labels, vocab, ignore_index)
+    checks.check_labels(labels, vocab, ignore_index)
     _, fn = resolve("token_logprobs", backend, logits.device, (logits.dtype,))
     logprobs, entropy = fn(logits, labels, temperature, ignore_index, return_entropy)
     return (logprobs, entropy) if return_entropy else logprobs
 
 
+@public_op(family="kl", cpu_auto_order=_REFERENCE_FIRST)
 def kl_penalty(
     logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor,
@@ -100,15 +110,16 @@ def kl_penalty(
 
     Returns: ``[...]`` float32; differentiable w.r.t. both inputs.
     """
-    V.check_float("logprobs", logprobs)
-    V.check_float("ref_logprobs", ref_logprobs)
-    V.check_shape("ref_logprobs", ref_logprobs, logprobs.shape, "logprobs")
-    V.check_same_device({"logprobs": logprobs, "ref_logprobs": ref_logprobs})
-    V.check_choice("estimator", estimator, KL_ESTIMATORS)
+    checks.check_float("logprobs", logprobs)
+    checks.check_float("ref_logprobs", ref_logprobs)
+    checks.check_shape("ref_logprobs", ref_logprobs, logprobs.shape, "logprobs")
+    checks.check_same_device({"logprobs": logprobs, "ref_logprobs": ref_logprobs})
+    checks.check_choice("estimator", estimator, KL_ESTIMATORS)
     _, fn = resolve("kl_penalty", backend, logprobs.device, (logprobs.dtype, ref_logprobs.dtype))
     return fn(logprobs, ref_logprobs, estimator)
 
 
+@public_op(family="gae")
 def gae(
     rewards: torch.Tensor,
     values: torch.Tensor,
@@ -144,26 +155,27 @@ def gae(
     value (0.5, 2, NaN) raises ``ValueError`` rather than counting as true.  The check reads the
     data, so it runs on CPU tensors always and on GPU tensors only with ``RLHF_KERNELS_DEBUG=1``.
     """
-    V.check_float("rewards", rewards)
-    V.check_float("values", values)
+    checks.check_float("rewards", rewards)
+    checks.check_float("values", values)
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be a 2-D [B, T] tensor, got {rewards.dim()}-D shape {tuple(rewards.shape)}")
-    V.check_shape("values", values, rewards.shape, "rewards")
-    mask = V.check_mask("mask", mask, rewards.shape, "rewards")
-    V.check_same_device({"rewards": rewards, "values": values, "mask": mask})
-    gamma = V.check_range("gamma", gamma, 0.0, 1.0)
-    lam = V.check_range("lam", lam, 0.0, 1.0)
+    checks.check_shape("values", values, rewards.shape, "rewards")
+    mask = checks.check_mask("mask", mask, rewards.shape, "rewards")
+    checks.check_same_device({"rewards": rewards, "values": values, "mask": mask})
+    gamma = checks.check_range("gamma", gamma, 0.0, 1.0)
+    lam = checks.check_range("lam", lam, 0.0, 1.0)
     _, fn = resolve("gae", backend, rewards.device, (rewards.dtype, values.dtype))
     return fn(rewards, values, mask, gamma, lam)
 
 
 def _check_agg(agg: str, ndim: int) -> str:
-    V.check_choice("agg", agg, AGG_MODES)
+    checks.check_choice("agg", agg, AGG_MODES)
     if agg != "token-mean" and ndim != 2:
         raise ValueError(f"agg={agg!r} needs 2-D [B, T] inputs, got {ndim}-D")
     return agg
 
 
+@public_op(family="ppo")
 def ppo_policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -206,24 +218,25 @@ def ppo_policy_loss(
     """
     named = {"logprobs": logprobs, "old_logprobs": old_logprobs, "advantages": advantages}
     for name, t in named.items():
-        V.check_float(name, t)
+        checks.check_float(name, t)
     if logprobs.dim() < 1:
         raise ValueError("logprobs must have at least one dimension ([B, T] expected), got a 0-d tensor")
-    V.check_shape("old_logprobs", old_logprobs, logprobs.shape, "logprobs")
-    V.check_shape("advantages", advantages, logprobs.shape, "logprobs")
-    mask = V.check_mask("mask", mask, logprobs.shape, "logprobs")
-    V.check_same_device({**named, "mask": mask})
-    clip_low = V.check_range("clip_low", clip_low, 0.0, None)
-    clip_high = V.check_range("clip_high", clip_high, 0.0, None, allow_none=True)
+    checks.check_shape("old_logprobs", old_logprobs, logprobs.shape, "logprobs")
+    checks.check_shape("advantages", advantages, logprobs.shape, "logprobs")
+    mask = checks.check_mask("mask", mask, logprobs.shape, "logprobs")
+    checks.check_same_device({**named, "mask": mask})
+    clip_low = checks.check_range("clip_low", clip_low, 0.0, None)
+    clip_high = checks.check_range("clip_high", clip_high, 0.0, None, allow_none=True)
     if clip_high is None:
         clip_high = clip_low
-    dual_clip = V.check_range("dual_clip", dual_clip, 1.0, None, low_open=True, allow_none=True)
+    dual_clip = checks.check_range("dual_clip", dual_clip, 1.0, None, low_open=True, allow_none=True)
     _check_agg(agg, logprobs.dim())
     dtypes = tuple(t.dtype for t in named.values())
     _, fn = resolve("ppo_policy_loss", backend, logprobs.device, dtypes)
     return fn(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, agg)
 
 
+@public_op(family="ppo")
 def ppo_value_loss(
     values: torch.Tensor,
     old_values: torch.Tensor,
@@ -255,20 +268,21 @@ def ppo_value_loss(
     """
     named = {"values": values, "old_values": old_values, "returns": returns}
     for name, t in named.items():
-        V.check_float(name, t)
+        checks.check_float(name, t)
     if values.dim() < 1:
         raise ValueError("values must have at least one dimension ([B, T] expected), got a 0-d tensor")
-    V.check_shape("old_values", old_values, values.shape, "values")
-    V.check_shape("returns", returns, values.shape, "values")
-    mask = V.check_mask("mask", mask, values.shape, "values")
-    V.check_same_device({**named, "mask": mask})
-    clip = V.check_range("clip", clip, 0.0, None, allow_none=True)
+    checks.check_shape("old_values", old_values, values.shape, "values")
+    checks.check_shape("returns", returns, values.shape, "values")
+    mask = checks.check_mask("mask", mask, values.shape, "values")
+    checks.check_same_device({**named, "mask": mask})
+    clip = checks.check_range("clip", clip, 0.0, None, allow_none=True)
     _check_agg(agg, values.dim())
     dtypes = tuple(t.dtype for t in named.values())
     _, fn = resolve("ppo_value_loss", backend, values.device, dtypes)
     return fn(values, old_values, returns, mask, clip, agg)
 
 
+@public_op(family="dpo", cpu_auto_order=_REFERENCE_FIRST)
 def dpo_loss(
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,
@@ -306,28 +320,20 @@ def dpo_loss(
         "ref_rejected": ref_rejected,
     }
     for name, t in named.items():
-        V.check_float(name, t)
+        checks.check_float(name, t)
     if policy_chosen.dim() != 1:
         raise ValueError(
             f"policy_chosen must be a 1-D [B] tensor of summed log-probs, got shape {tuple(policy_chosen.shape)}"
         )
     for name in ("policy_rejected", "ref_chosen", "ref_rejected"):
-        V.check_shape(name, named[name], policy_chosen.shape, "policy_chosen")
-    V.check_same_device(named)
-    beta = V.check_range("beta", beta, 0.0, None, low_open=True)
-    V.check_choice("loss_type", loss_type, LOSS_TYPES)
-    label_smoothing = V.check_range("label_smoothing", label_smoothing, 0.0, 0.5, high_open=True)
+        checks.check_shape(name, named[name], policy_chosen.shape, "policy_chosen")
+    checks.check_same_device(named)
+    beta = checks.check_range("beta", beta, 0.0, None, low_open=True)
+    checks.check_choice("loss_type", loss_type, LOSS_TYPES)
+    label_smoothing = checks.check_range("label_smoothing", label_smoothing, 0.0, 0.5, high_open=True)
     dtypes = tuple(t.dtype for t in named.values())
     _, fn = resolve("dpo_loss", backend, policy_chosen.device, dtypes)
     return fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type, label_smoothing)
-
-
-def _check_composite_backend(backend: str, device: torch.device) -> None:
-    # masked_mean / masked_whiten are a handful of PyTorch reductions on every backend; the
-    # backend argument is accepted for a uniform API and validated, and computed the same way.
-    from ._dispatch import _check_backend_name
-
-    _check_backend_name(backend)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None, *, backend: str = "auto") -> torch.Tensor:
@@ -335,13 +341,19 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None, *, backend: str =
 
     ``mask``: bool or exactly 0/1, shaped like ``x`` (as in :func:`gae`).  Masked entries are never
     read (NaN there does not leak); where no entry is valid the result is 0, not NaN.
+
+    ``backend``: a few PyTorch reductions, computed the same way whichever backend is named (there
+    is no kernel to choose), but checked like the other functions' argument: an unknown name raises
+    ``ValueError``, and an explicit backend (or ``RLHF_KERNELS_BACKEND``) that cannot run on this
+    machine or on ``x``'s device raises :class:`BackendUnavailableError`, so a script that pins a
+    backend fails in the same place for every call.
     """
-    V.check_tensor("x", x)
-    mask = V.check_mask("mask", mask, x.shape, "x")
-    V.check_same_device({"x": x, "mask": mask})
+    checks.check_tensor("x", x)
+    mask = checks.check_mask("mask", mask, x.shape, "x")
+    checks.check_same_device({"x": x, "mask": mask})
     if dim is not None and not isinstance(dim, (int, tuple, list)):
         raise TypeError(f"dim must be None, an int or a tuple of ints, got {type(dim).__name__}")
-    _check_composite_backend(backend, x.device)
+    check_composite("masked_mean", backend, x.device)
     if not (x.is_floating_point() or x.is_complex()):
         x = x.float()
     return _masked.masked_mean(x, mask, dim)
@@ -352,12 +364,17 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
 
     ``(x - mean) / sqrt(var + 1e-8)``; with ``shift_mean=False`` the mean is added back.  Masked
     entries of the result are 0 and their input values are never read.  ``mask``: bool or exactly 0/1
-    (as in :func:`gae`).
+    (as in :func:`gae`).  ``backend`` as in
+    :func:`masked_mean`.
     """
-    V.check_float("x", x)
-    mask = V.check_mask("mask", mask, x.shape, "x")
-    V.check_same_device({"x": x, "mask": mask})
+    checks.check_float("x", x)
+    mask = checks.check_mask("mask", mask, x.shape, "x")
+    checks.check_same_device({"x": x, "mask": mask})
     if not isinstance(shift_mean, bool):
         raise TypeError(f"shift_mean must be a bool, got {type(shift_mean).__name__}")
-    _check_composite_backend(backend, x.device)
+    check_composite("masked_whiten", backend, x.device)
     return _masked.masked_whiten(x, mask, shift_mean)
+
+
+# The public functions: every op declared above, and the two masked reductions.
+__all__ = [*ops(), "masked_mean", "masked_whiten"]

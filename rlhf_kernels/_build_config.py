@@ -4,20 +4,25 @@ setup.py can load it by path."""
 
 from __future__ import annotations
 
+import glob
 import os
 
-# Relative to the repository root (the folder holding csrc/).  Few translation units on purpose:
-# the CPU build must stay short on a 2-core CI box.
-CPU_SOURCES = (
-    "csrc/ops/registration.cpp",
-    "csrc/cpu/token_logprobs.cpp",
-    "csrc/cpu/losses.cpp",
-)
-CUDA_SOURCES = (
-    "csrc/ops/cuda_glue.cpp",
-    "csrc/cuda/token_logprobs.cu",
-    "csrc/cuda/losses.cu",
-)
+# Sources, relative to the repository root (the folder holding csrc/), found by globbing the family
+# folders: adding an op family adds files there, not entries here.  csrc/*.cpp holds the library
+# itself (TORCH_LIBRARY), csrc/cpu/<family>.cpp a family's schemas and CPU kernels, csrc/cuda/<family>.cu
+# its CUDA kernels (nvcc alone) and csrc/cuda/<family>_glue.cpp the tensor glue that registers them.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _sources(*patterns: str) -> tuple[str, ...]:
+    found = set()
+    for pattern in patterns:
+        found.update(os.path.relpath(p, _ROOT).replace(os.sep, "/") for p in glob.glob(os.path.join(_ROOT, pattern)))
+    return tuple(sorted(found))
+
+
+CPU_SOURCES = _sources("csrc/*.cpp", "csrc/cpu/*.cpp")
+CUDA_SOURCES = _sources("csrc/cuda/*.cu", "csrc/cuda/*.cpp")
 INCLUDE_DIRS = ("csrc/include",)
 EXTENSION_NAME = "_C"  # rlhf_kernels._C
 DEFAULT_CUDA_ARCHS = "80;90"

@@ -18,25 +18,36 @@ from typing import Callable
 
 import torch
 
-OPS = ("token_logprobs", "kl_penalty", "gae", "ppo_policy_loss", "ppo_value_loss", "dpo_loss")
+from . import _registry
+
 BACKEND_NAMES = ("reference", "triton", "cuda", "cpu")
 _ENV_VAR = "RLHF_KERNELS_BACKEND"
 
 # Order in which "auto" tries backends, per device type.  On CUDA the Triton kernels are tried
-# first; the CUDA C++ kernels next.  On CPU tensors the native C++ kernels are preferred and Triton
-# (only runnable there through its interpreter) is never picked automatically.
-#
-# On CPU the order is per op, from measurement (benchmarks/results/REPORT.md, CPU run
-# 20261125T172106Z): the C++ kernels win clearly on token_logprobs (2-4x eager, forward+backward),
-# gae (26-46x the Python loop) and the PPO losses (1.0-1.8x), but on the small elementwise
-# kl_penalty and dpo_loss the per-call cost of the compiled op makes them slower than the eager
-# reference (0.2-0.5x eager, against 0.55-1.0x for the reference), so "auto" keeps the reference there.
-_CPU_SLOWER_THAN_REFERENCE = ("kl_penalty", "dpo_loss")
-AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
-    "cuda": {op: ("triton", "cuda", "reference") for op in OPS},
-    "cpu": {op: ("reference", "cpu") if op in _CPU_SLOWER_THAN_REFERENCE else ("cpu", "reference")
-            for op in OPS},
-}
+# first; the CUDA C++ kernels next.  On CPU tensors each op states its order in its declaration
+# (``_registry.public_op(cpu_auto_order=...)``, from measurement): the native C++ kernels first, or
+# the reference where the compiled op's per-call cost makes it slower; Triton (only runnable there
+# through its interpreter) is never picked automatically.
+_CUDA_ORDER = ("triton", "cuda", "reference")
+
+
+def auto_order(device_type: str, op: str) -> tuple[str, ...]:
+    """Backends that ``backend="auto"`` tries for ``op`` on ``device_type`` tensors, in order."""
+    if device_type == "cuda":
+        return _CUDA_ORDER
+    if device_type == "cpu":
+        return _registry.op_spec(op).cpu_auto_order
+    return _DEFAULT_ORDER
+
+
+def __getattr__(name: str):
+    # OPS is derived from the registry, which _api fills when it is imported (after this module),
+    # so it is computed on access rather than at import.
+    if name == "OPS":
+        return _registry.ops()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 _DEFAULT_ORDER = ("reference",)
 
 
@@ -90,9 +101,8 @@ def _cached_ops(name: str) -> dict:
 
 
 def _reference_ops():
-    from . import reference
-
-    return {op: getattr(reference, op) for op in OPS}
+    importlib.import_module("rlhf_kernels.reference")
+    return _registry.impls("reference")
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,8 +119,8 @@ def _triton_unavailable() -> str | None:
 
 
 def _triton_ops():
-    mod = importlib.import_module("rlhf_kernels.triton")
-    return getattr(mod, "OPS", {})
+    importlib.import_module("rlhf_kernels.triton")
+    return _registry.impls("triton")
 
 
 def _triton_interpreting() -> bool:
@@ -217,9 +227,9 @@ def _resolve_at_trace_time(op: str, backend: str, device: torch.device, dtypes: 
     return attr
 
 
-def _resolve(op: str, backend: str, device: torch.device, dtypes) -> tuple[str, Callable]:
+def _requested(backend: str) -> tuple[str, str]:
+    """The backend asked for (``backend``, or the environment variable under "auto") and where from."""
     _check_backend_name(backend)
-    source = "backend argument"
     if backend == "auto":
         env = os.environ.get(_ENV_VAR, "").strip()
         if env and env != "auto":
@@ -228,7 +238,12 @@ def _resolve(op: str, backend: str, device: torch.device, dtypes) -> tuple[str, 
                     f"environment variable {_ENV_VAR} must be one of 'auto', "
                     f"{', '.join(repr(c) for c in BACKEND_NAMES)}; got {env!r}"
                 )
-            backend, source = env, f"environment variable {_ENV_VAR}"
+            return env, f"environment variable {_ENV_VAR}"
+    return backend, "backend argument"
+
+
+def _resolve(op: str, backend: str, device: torch.device, dtypes) -> tuple[str, Callable]:
+    backend, source = _requested(backend)
     if backend != "auto":
         impl = _REGISTRY[backend]
         reason = impl.unsupported_reason(op, device, dtypes)
@@ -237,8 +252,7 @@ def _resolve(op: str, backend: str, device: torch.device, dtypes) -> tuple[str, 
                 f"backend {backend!r} (from the {source}) cannot run {op} here: {reason}"
             )
         return backend, impl.ops()[op]
-    order = AUTO_ORDER.get(device.type, {}).get(op, _DEFAULT_ORDER)
-    for name in order:
+    for name in auto_order(device.type, op):
         impl = _REGISTRY[name]
         if impl.unsupported_reason(op, device, dtypes) is None:
             return name, impl.ops()[op]
@@ -262,6 +276,30 @@ def _warn_extension_once(name: str) -> None:
         RuntimeWarning,
         stacklevel=4,
     )
+
+
+def check_composite(function: str, backend: str, device: torch.device) -> str:
+    """Backend check for the functions built from a few PyTorch ops (masked_mean, masked_whiten).
+
+    They have no kernels: every backend computes them with the same PyTorch ops, so ``"auto"``
+    always runs.  An explicit backend (argument or environment variable) is honoured as for the
+    other ops: it must be available on this machine and run on ``device``'s tensors, else
+    :class:`BackendUnavailableError` says why.  Returns the backend name that was checked.
+    """
+    if torch.compiler.is_compiling():
+        return _check_backend_name(backend)  # checked when the function last ran eagerly
+    backend, source = _requested(backend)
+    if backend == "auto":
+        return backend
+    impl = _REGISTRY[backend]
+    reason = impl.unavailable_reason()
+    if reason is None and device.type not in impl.device_types:
+        reason = f"the {backend} backend runs on {'/'.join(impl.device_types)} tensors, not {device.type}"
+    if reason is None and impl.extra_check is not None:
+        reason = impl.extra_check(device, function)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend {backend!r} (from the {source}) cannot run {function} here: {reason}")
+    return backend
 
 
 def explain(op: str, device: torch.device, dtypes=(torch.float32,)) -> dict[str, str | None]:

@@ -113,8 +113,9 @@ def _jit_build(state: _State) -> bool:
     from . import _build_config as cfg
 
     missing = [s for s in cfg.CPU_SOURCES if not os.path.exists(os.path.join(_REPO_ROOT, s))]
-    if missing:
-        state.attempts.append(f"just-in-time build impossible: the csrc/ sources are not installed ({missing[0]} missing)")
+    if missing or not cfg.CPU_SOURCES:
+        what = f"{missing[0]} missing" if missing else f"no csrc/ folder in {_REPO_ROOT}"
+        state.attempts.append(f"just-in-time build impossible: the csrc/ sources are not installed ({what})")
         return False
     try:
         from torch.utils import cpp_extension
@@ -210,9 +211,10 @@ def ops(device_type: str) -> dict:
     """{op name: implementation with the reference backend's signature}, or {} when unavailable."""
     if unavailable_reason(device_type) is not None:
         return {}
-    from . import _extension_ops
+    from . import _extension_ops, _registry
 
-    return dict(_extension_ops.OPS)
+    _extension_ops.register()
+    return _registry.impls(device_type)
 
 
 def build_info() -> dict:

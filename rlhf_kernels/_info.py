@@ -7,7 +7,8 @@ import sys
 
 import torch
 
-from ._dispatch import AUTO_ORDER, BACKEND_NAMES, OPS, backends
+from ._dispatch import BACKEND_NAMES, auto_order, backends
+from ._registry import ops as _ops
 
 
 def _devices() -> list[torch.device]:
@@ -61,10 +62,10 @@ def info(file=None) -> str:
         lines.append(f"  {k:<14} {v}")
     lines.append("")
     for device in _devices():
-        lines.append(f"device {device.type}: 'auto' tries {', '.join(AUTO_ORDER.get(device.type, {}).get(OPS[0], ('reference',)))}")
-        for op in OPS:
+        lines.append(f"device {device.type}: 'auto' tries {', '.join(auto_order(device.type, _ops()[0]))}")
+        for op in _ops():
             table = available_backends(op, device)
-            chosen = next((n for n in AUTO_ORDER.get(device.type, {}).get(op, ()) if table[n] is None), "reference")
+            chosen = next((n for n in auto_order(device.type, op) if table[n] is None), "reference")
             lines.append(f"  {op}  (auto -> {chosen})")
             for name in BACKEND_NAMES:
                 reason = table[name]

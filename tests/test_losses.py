@@ -1,5 +1,6 @@
 """kl_penalty, ppo_policy_loss, ppo_value_loss, dpo_loss: values, stats and every gradient of
-every backend against float64 truth written from DESIGN.md's formulas."""
+every backend against float64 truth written from the formulas of the public docstrings
+(rlhf_kernels/_api.py) and docs/architecture.md."""
 
 import math
 

@@ -1,7 +1,7 @@
 """Test helpers: backend gating, dtype tolerances, and verbose comparisons against float64 truth.
 
-Ground truths are computed here, in float64, from the formulas in DESIGN.md, independently of the
-package's own reference code.
+Ground truths are computed here, in float64, from the formulas of the public docstrings
+(rlhf_kernels/_api.py, docs/architecture.md), independently of the package's own reference code.
 """
 
 from __future__ import annotations

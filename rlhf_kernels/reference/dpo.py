@@ -13,9 +13,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+from .._registry import register_impl
 
 
+@register_impl("reference", "dpo_loss")
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type, label_smoothing):
     pc, pr = policy_chosen.float(), policy_rejected.float()
     rc, rr = ref_chosen.float(), ref_rejected.float()

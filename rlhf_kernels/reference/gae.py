@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import torch
 
+from .._registry import register_impl
 
+
+@register_impl("reference", "gae")
 def gae(rewards, values, mask, gamma: float, lam: float):
     # Masked entries may hold NaN or garbage: replace them before any arithmetic so that neither
     # the result nor the gradient can see them.

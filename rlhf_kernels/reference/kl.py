@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import torch
 
+from .._registry import register_impl
 
+
+@register_impl("reference", "kl_penalty")
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
     d = logprobs.float() - ref_logprobs.float()
     if estimator == "k1":

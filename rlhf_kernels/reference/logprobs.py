@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from .._registry import register_impl
+
 # Rows per chunk are chosen so an fp32 temporary of one chunk holds about this many elements.
 _CHUNK_ELEMENTS = 1 << 24
 
@@ -114,6 +116,7 @@ class _TokenLogprobs(torch.autograd.Function):
         return grad.reshape(logits.shape), None, None, None, None
 
 
+@register_impl("reference", "token_logprobs")
 def token_logprobs(logits, labels, temperature, ignore_index, return_entropy):
     """Reference implementation; arguments already validated by the public API."""
     out = _TokenLogprobs.apply(logits, labels, temperature, ignore_index, return_entropy)

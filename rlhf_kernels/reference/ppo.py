@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import torch
 
+from .._registry import register_impl
 from .masked import aggregate, masked_mean
 
 
+@register_impl("reference", "ppo_policy_loss")
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, agg):
     zero = 0.0
     # Sanitize masked entries first: torch.where's backward would otherwise multiply a zero
@@ -48,6 +50,7 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_hig
     return loss, stats
 
 
+@register_impl("reference", "ppo_value_loss")
 def ppo_value_loss(values, old_values, returns, mask, clip, agg):
     zero = 0.0
     v = torch.where(mask, values.float(), zero)

@@ -18,9 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .._registry import code, register_impl
 from ._launch import NAMESPACE, block, cast_to, interpreting, launch
 
-_LOSS_CODE = {"sigmoid": 0, "ipo": 1, "hinge": 2, "robust": 3}
+# The loss-type codes the kernels branch on, from the registry (constexpr globals, as Triton requires).
+_SIGMOID = tl.constexpr(code("dpo_loss_type", "sigmoid"))
+_IPO = tl.constexpr(code("dpo_loss_type", "ipo"))
+_HINGE = tl.constexpr(code("dpo_loss_type", "hinge"))
 
 
 @triton.jit
@@ -45,11 +49,11 @@ def _dpo_fwd_kernel(
     rejected = tl.load(pr_ptr + offs, mask=ok, other=0.0).to(tl.float32) - tl.load(
         rr_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     h = chosen - rejected
-    if LOSS == 0:
+    if LOSS == _SIGMOID:
         loss = -(1.0 - ls) * _logsigmoid(beta * h) - ls * _logsigmoid(-beta * h)
-    elif LOSS == 1:
+    elif LOSS == _IPO:
         loss = (h - 1.0 / (2.0 * beta)) * (h - 1.0 / (2.0 * beta))
-    elif LOSS == 2:
+    elif LOSS == _HINGE:
         loss = tl.maximum(1.0 - beta * h, 0.0)
     else:
         loss = (-(1.0 - ls) * _logsigmoid(beta * h) + ls * _logsigmoid(-beta * h)) / (1.0 - 2.0 * ls)
@@ -79,11 +83,11 @@ def _dpo_bwd_kernel(
     # d logsigmoid(x) / dx = sigmoid(-x);  d logsigmoid(-x) / dx = -sigmoid(x)
     sig_neg = 1.0 / (1.0 + tl.exp(x))
     sig_pos = 1.0 / (1.0 + tl.exp(-x))
-    if LOSS == 0:
+    if LOSS == _SIGMOID:
         dh = beta * (-(1.0 - ls) * sig_neg + ls * sig_pos)
-    elif LOSS == 1:
+    elif LOSS == _IPO:
         dh = 2.0 * (h - 1.0 / (2.0 * beta))
-    elif LOSS == 2:
+    elif LOSS == _HINGE:
         dh = tl.where(1.0 - x > 0, -beta, 0.0)
     else:
         dh = beta * (-(1.0 - ls) * sig_neg - ls * sig_pos) / (1.0 - 2.0 * ls)
@@ -98,25 +102,25 @@ def _config(B: int):
     return block(B, 1024, 4096), 4
 
 
-def dpo_forward(pc, pr, rc, rr, beta, loss_type, label_smoothing):
+def dpo_loss_forward(pc, pr, rc, rr, beta, loss_type, label_smoothing):
     B = pc.shape[0]
     outs = [torch.empty(B, dtype=torch.float32, device=pc.device) for _ in range(3)]
     if B:
         blk, warps = _config(B)
         launch(_dpo_fwd_kernel, (triton.cdiv(B, blk),),
             pc.contiguous(), pr.contiguous(), rc.contiguous(), rr.contiguous(), *outs, B,
-            float(beta), float(label_smoothing), LOSS=_LOSS_CODE[loss_type], BLOCK=blk, num_warps=warps)
+            float(beta), float(label_smoothing), LOSS=code("dpo_loss_type", loss_type), BLOCK=blk, num_warps=warps)
     return tuple(outs)
 
 
-def dpo_backward(grad, pc, pr, rc, rr, beta, loss_type, label_smoothing):
+def dpo_loss_backward(grad, pc, pr, rc, rr, beta, loss_type, label_smoothing):
     B = pc.shape[0]
     grads = [torch.empty(B, dtype=t.dtype, device=t.device) for t in (pc, pr, rc, rr)]
     if B:
         blk, warps = _config(B)
         launch(_dpo_bwd_kernel, (triton.cdiv(B, blk),),
             grad.contiguous(), pc.contiguous(), pr.contiguous(), rc.contiguous(), rr.contiguous(), *grads, B,
-            float(beta), float(label_smoothing), LOSS=_LOSS_CODE[loss_type], BLOCK=blk,
+            float(beta), float(label_smoothing), LOSS=code("dpo_loss_type", loss_type), BLOCK=blk,
             SOFT_BF16=interpreting(), num_warps=warps)
     return tuple(grads)
 
@@ -125,7 +129,7 @@ def dpo_backward(grad, pc, pr, rc, rr, beta, loss_type, label_smoothing):
 def dpo_loss_fwd(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
                  ref_rejected: torch.Tensor, beta: float, loss_type: str,
                  label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return dpo_forward(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type, label_smoothing)
+    return dpo_loss_forward(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type, label_smoothing)
 
 
 @dpo_loss_fwd.register_fake
@@ -137,7 +141,7 @@ def _(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type,
 def dpo_loss_bwd(grad: torch.Tensor, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
                  ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, beta: float, loss_type: str,
                  label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return dpo_backward(grad, policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type,
+    return dpo_loss_backward(grad, policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type,
                         label_smoothing)
 
 
@@ -161,6 +165,7 @@ def _backward(ctx, grad_losses, grad_chosen, grad_rejected):
 dpo_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+@register_impl("triton", "dpo_loss")
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type, label_smoothing):
     """Same contract as :func:`rlhf_kernels.reference.dpo_loss`."""
     losses, chosen, rejected = dpo_loss_fwd(policy_chosen, policy_rejected, ref_chosen, ref_rejected,

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._registry import register_impl
 from ._launch import NAMESPACE, block, cast_to, interpreting, launch
 
 
@@ -158,6 +159,7 @@ def _backward(ctx, grad_adv, grad_ret):
 gae_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+@register_impl("triton", "gae")
 def gae(rewards, values, mask, gamma, lam):
     """Same contract as :func:`rlhf_kernels.reference.gae`; ``mask`` is a bool tensor."""
     return gae_fwd(rewards, values, mask.bool(), float(gamma), float(lam))

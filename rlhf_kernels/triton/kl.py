@@ -11,9 +11,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .._registry import code, register_impl
 from ._launch import NAMESPACE, block, cast_to, interpreting, launch
 
-_ESTIMATOR_CODE = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
+# The estimator codes the kernels branch on, from the registry (constexpr globals, as Triton requires).
+_K1 = tl.constexpr(code("kl_estimator", "k1"))
+_K2 = tl.constexpr(code("kl_estimator", "k2"))
+_K3 = tl.constexpr(code("kl_estimator", "k3"))
 
 
 @triton.jit
@@ -29,11 +33,11 @@ def _kl_fwd_kernel(
     valid = offs < n
     d = tl.load(lp_ptr + offs, mask=valid, other=0.0).to(tl.float32) - tl.load(
         ref_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    if ESTIMATOR == 0:
+    if ESTIMATOR == _K1:
         k = d
-    elif ESTIMATOR == 1:
+    elif ESTIMATOR == _K2:
         k = 0.5 * d * d
-    elif ESTIMATOR == 2:
+    elif ESTIMATOR == _K3:
         k = tl.exp(-d) - 1.0 + d
     else:
         k = tl.abs(d)
@@ -54,11 +58,11 @@ def _kl_bwd_kernel(
     g = tl.load(grad_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     d = tl.load(lp_ptr + offs, mask=valid, other=0.0).to(tl.float32) - tl.load(
         ref_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    if ESTIMATOR == 0:
+    if ESTIMATOR == _K1:
         dk = tl.full(d.shape, 1.0, tl.float32)
-    elif ESTIMATOR == 1:
+    elif ESTIMATOR == _K2:
         dk = d
-    elif ESTIMATOR == 2:
+    elif ESTIMATOR == _K3:
         dk = 1.0 - tl.exp(-d)
     else:
         dk = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))  # sign(d), 0 at d == 0 as torch.abs
@@ -72,18 +76,18 @@ def _config(n: int):
     return block(n, 1024, 4096), 4
 
 
-def kl_forward(logprobs, ref_logprobs, estimator):
+def kl_penalty_forward(logprobs, ref_logprobs, estimator):
     lp, ref = logprobs.contiguous(), ref_logprobs.contiguous()
     out = torch.empty(lp.shape, dtype=torch.float32, device=lp.device)
     n = lp.numel()
     if n:
         blk, warps = _config(n)
         launch(_kl_fwd_kernel, (triton.cdiv(n, blk),), lp, ref, out, n,
-               ESTIMATOR=_ESTIMATOR_CODE[estimator], BLOCK=blk, num_warps=warps)
+               ESTIMATOR=code("kl_estimator", estimator), BLOCK=blk, num_warps=warps)
     return out
 
 
-def kl_backward(grad, logprobs, ref_logprobs, estimator):
+def kl_penalty_backward(grad, logprobs, ref_logprobs, estimator):
     lp, ref = logprobs.contiguous(), ref_logprobs.contiguous()
     grad_lp = torch.empty(lp.shape, dtype=lp.dtype, device=lp.device)
     grad_ref = torch.empty(ref.shape, dtype=ref.dtype, device=ref.device)
@@ -91,13 +95,13 @@ def kl_backward(grad, logprobs, ref_logprobs, estimator):
     if n:
         blk, warps = _config(n)
         launch(_kl_bwd_kernel, (triton.cdiv(n, blk),), grad.contiguous(), lp, ref, grad_lp, grad_ref, n,
-               ESTIMATOR=_ESTIMATOR_CODE[estimator], BLOCK=blk, SOFT_BF16=interpreting(), num_warps=warps)
+               ESTIMATOR=code("kl_estimator", estimator), BLOCK=blk, SOFT_BF16=interpreting(), num_warps=warps)
     return grad_lp, grad_ref
 
 
 @torch.library.custom_op(f"{NAMESPACE}::kl_penalty_fwd", mutates_args=())
 def kl_penalty_fwd(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
-    return kl_forward(logprobs, ref_logprobs, estimator)
+    return kl_penalty_forward(logprobs, ref_logprobs, estimator)
 
 
 @kl_penalty_fwd.register_fake
@@ -108,7 +112,7 @@ def _(logprobs, ref_logprobs, estimator):
 @torch.library.custom_op(f"{NAMESPACE}::kl_penalty_bwd", mutates_args=())
 def kl_penalty_bwd(grad: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                    estimator: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return kl_backward(grad, logprobs, ref_logprobs, estimator)
+    return kl_penalty_backward(grad, logprobs, ref_logprobs, estimator)
 
 
 @kl_penalty_bwd.register_fake
@@ -131,6 +135,7 @@ def _backward(ctx, grad):
 kl_penalty_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+@register_impl("triton", "kl_penalty")
 def kl_penalty(logprobs, ref_logprobs, estimator):
     """Same contract as :func:`rlhf_kernels.reference.kl_penalty`."""
     return kl_penalty_fwd(logprobs, ref_logprobs, estimator)

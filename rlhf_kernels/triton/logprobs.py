@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._registry import register_impl
 from ._launch import NAMESPACE, block, cast_to, interpreting, launch
 
 # ---------------------------------------------------------------------------------------------
@@ -282,6 +283,7 @@ def _as_3d(logits: torch.Tensor) -> torch.Tensor:
         return logits.reshape(-1, lead[-1], V)  # leading dims that cannot be merged: one copy
 
 
+@register_impl("triton", "token_logprobs")
 def token_logprobs(logits, labels, temperature, ignore_index, return_entropy):
     """Same contract as :func:`rlhf_kernels.reference.token_logprobs`: returns (logprobs, entropy
     or None), each shaped like ``labels``."""

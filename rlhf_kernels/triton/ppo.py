@@ -24,9 +24,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .._registry import code, register_impl
 from ._launch import NAMESPACE, block, cast_to, interpreting, launch
 
-_AGG_CODE = {"token-mean": 0, "seq-mean-token-mean": 1, "seq-mean-token-sum": 2}
+# The aggregation codes the kernels branch on, from the registry (constexpr globals, as Triton requires).
+_TOKEN_MEAN = tl.constexpr(code("agg", "token-mean"))
+_SEQ_MEAN_TOKEN_MEAN = tl.constexpr(code("agg", "seq-mean-token-mean"))
 # Output layout of the finalize program: loss, three stat slots, n_valid, n_rows_with_tokens.
 _OUT_SIZE = 6
 _N_PARTIALS = 5
@@ -83,9 +86,9 @@ def _split_max(g, a, b):
 def _token_weight(out_ptr, partials_ptr, row, R, n_seq, AGG: tl.constexpr):
     """d loss / d (per-token loss) for a valid token of ``row``."""
     n_valid = tl.load(out_ptr + 4)
-    if AGG == 0:
+    if AGG == _TOKEN_MEAN:
         w = 1.0 / tl.maximum(n_valid, 1.0)
-    elif AGG == 1:
+    elif AGG == _SEQ_MEAN_TOKEN_MEAN:
         n_row = tl.load(partials_ptr + R + row)
         w = 1.0 / (tl.maximum(n_row, 1.0) * tl.maximum(tl.load(out_ptr + 5), 1.0))
     else:
@@ -274,7 +277,7 @@ def _finalize_kernel(
         ok = r < R
         row_loss = tl.load(partials_ptr + r, mask=ok, other=0.0)
         row_n = tl.load(partials_ptr + R + r, mask=ok, other=0.0)
-        if AGG == 1:
+        if AGG == _SEQ_MEAN_TOKEN_MEAN:
             row_loss = tl.where(row_n > 0, row_loss / tl.maximum(row_n, 1.0), 0.0)
         acc_loss += row_loss
         acc_n += row_n
@@ -286,9 +289,9 @@ def _finalize_kernel(
     n_valid = tl.sum(acc_n, axis=0)
     n_rows = tl.sum(acc_rows, axis=0)
     denom_n = tl.maximum(n_valid, 1.0)
-    if AGG == 0:
+    if AGG == _TOKEN_MEAN:
         loss = total / denom_n
-    elif AGG == 1:
+    elif AGG == _SEQ_MEAN_TOKEN_MEAN:
         loss = total / tl.maximum(n_rows, 1.0)
     else:
         loss = total / n_seq
@@ -323,12 +326,12 @@ def _row_config(T: int):
 
 def _finalize(partials, R, agg, loss_scale, device):
     out = torch.empty(_OUT_SIZE, dtype=torch.float32, device=device)
-    launch(_finalize_kernel, (1,), partials, out, R, float(max(R, 1)), float(loss_scale), AGG=_AGG_CODE[agg],
+    launch(_finalize_kernel, (1,), partials, out, R, float(max(R, 1)), float(loss_scale), AGG=code("agg", agg),
            BLOCK_R=block(R, 1024, 1024), num_warps=4)
     return out
 
 
-def policy_forward(lp, old, adv, mask, clip_low, clip_high, dual_clip, agg):
+def ppo_policy_loss_forward(lp, old, adv, mask, clip_low, clip_high, dual_clip, agg):
     R, T, n = _layout(lp.shape, agg)
     partials = torch.empty((_N_PARTIALS, R), dtype=torch.float32, device=lp.device)
     if R:
@@ -340,7 +343,7 @@ def policy_forward(lp, old, adv, mask, clip_low, clip_high, dual_clip, agg):
     return _finalize(partials, R, agg, 1.0, lp.device), partials
 
 
-def policy_backward(grad_out, lp, old, adv, mask, out, partials, clip_low, clip_high, dual_clip, agg):
+def ppo_policy_loss_backward(grad_out, lp, old, adv, mask, out, partials, clip_low, clip_high, dual_clip, agg):
     R, T, n = _layout(lp.shape, agg)
     grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (lp, old, adv)]
     if R:
@@ -349,7 +352,7 @@ def policy_backward(grad_out, lp, old, adv, mask, out, partials, clip_low, clip_
             grad_out.contiguous(), lp.contiguous(), old.contiguous(), adv.contiguous(),
             mask.contiguous().view(torch.uint8), out, partials, *grads,
             R, T, n, float(max(R, 1)), float(clip_low), float(clip_high), float(dual_clip or 0.0),
-            HAS_DUAL=dual_clip is not None, AGG=_AGG_CODE[agg], BLOCK_T=blk, SOFT_BF16=interpreting(),
+            HAS_DUAL=dual_clip is not None, AGG=code("agg", agg), BLOCK_T=blk, SOFT_BF16=interpreting(),
             num_warps=warps)
     return tuple(grads)
 
@@ -357,7 +360,7 @@ def policy_backward(grad_out, lp, old, adv, mask, out, partials, clip_low, clip_
 _VALUE_SCALE = 0.5  # loss = 0.5 * agg(vf)
 
 
-def value_forward(v, old, ret, mask, clip, agg):
+def ppo_value_loss_forward(v, old, ret, mask, clip, agg):
     R, T, n = _layout(v.shape, agg)
     partials = torch.empty((_N_PARTIALS, R), dtype=torch.float32, device=v.device)
     if R:
@@ -368,7 +371,7 @@ def value_forward(v, old, ret, mask, clip, agg):
     return _finalize(partials, R, agg, _VALUE_SCALE, v.device), partials
 
 
-def value_backward(grad_out, v, old, ret, mask, out, partials, clip, agg):
+def ppo_value_loss_backward(grad_out, v, old, ret, mask, out, partials, clip, agg):
     R, T, n = _layout(v.shape, agg)
     grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (v, old, ret)]
     if R:
@@ -377,7 +380,7 @@ def value_backward(grad_out, v, old, ret, mask, out, partials, clip, agg):
             grad_out.contiguous(), v.contiguous(), old.contiguous(), ret.contiguous(),
             mask.contiguous().view(torch.uint8), out, partials, *grads,
             R, T, n, float(max(R, 1)), float(clip or 0.0), _VALUE_SCALE,
-            HAS_CLIP=clip is not None, AGG=_AGG_CODE[agg], BLOCK_T=blk, SOFT_BF16=interpreting(),
+            HAS_CLIP=clip is not None, AGG=code("agg", agg), BLOCK_T=blk, SOFT_BF16=interpreting(),
             num_warps=warps)
     return tuple(grads)
 
@@ -395,7 +398,7 @@ def _partials_like(x, agg):
 def ppo_policy_loss_fwd(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                         mask: torch.Tensor, clip_low: float, clip_high: float, dual_clip: Optional[float],
                         agg: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return policy_forward(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, agg)
+    return ppo_policy_loss_forward(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, agg)
 
 
 @ppo_policy_loss_fwd.register_fake
@@ -408,7 +411,7 @@ def ppo_policy_loss_bwd(grad_out: torch.Tensor, logprobs: torch.Tensor, old_logp
                         advantages: torch.Tensor, mask: torch.Tensor, out: torch.Tensor, partials: torch.Tensor,
                         clip_low: float, clip_high: float, dual_clip: Optional[float],
                         agg: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return policy_backward(grad_out, logprobs, old_logprobs, advantages, mask, out, partials, clip_low,
+    return ppo_policy_loss_backward(grad_out, logprobs, old_logprobs, advantages, mask, out, partials, clip_low,
                            clip_high, dual_clip, agg)
 
 
@@ -436,7 +439,7 @@ ppo_policy_loss_fwd.register_autograd(_policy_backward, setup_context=_policy_se
 @torch.library.custom_op(f"{NAMESPACE}::ppo_value_loss_fwd", mutates_args=())
 def ppo_value_loss_fwd(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
                        clip: Optional[float], agg: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return value_forward(values, old_values, returns, mask, clip, agg)
+    return ppo_value_loss_forward(values, old_values, returns, mask, clip, agg)
 
 
 @ppo_value_loss_fwd.register_fake
@@ -448,7 +451,7 @@ def _(values, old_values, returns, mask, clip, agg):
 def ppo_value_loss_bwd(grad_out: torch.Tensor, values: torch.Tensor, old_values: torch.Tensor,
                        returns: torch.Tensor, mask: torch.Tensor, out: torch.Tensor, partials: torch.Tensor,
                        clip: Optional[float], agg: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return value_backward(grad_out, values, old_values, returns, mask, out, partials, clip, agg)
+    return ppo_value_loss_backward(grad_out, values, old_values, returns, mask, out, partials, clip, agg)
 
 
 @ppo_value_loss_bwd.register_fake
@@ -476,6 +479,7 @@ ppo_value_loss_fwd.register_autograd(_value_backward, setup_context=_value_setup
 # Backend entry points (arguments already validated by rlhf_kernels._api)
 
 
+@register_impl("triton", "ppo_policy_loss")
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, agg):
     """Same contract as :func:`rlhf_kernels.reference.ppo_policy_loss`."""
     out, _ = ppo_policy_loss_fwd(logprobs, old_logprobs, advantages, mask.bool(), float(clip_low),
@@ -484,6 +488,7 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_hig
     return out[0], {"clipfrac": stats[1], "clipfrac_lower": stats[2], "approx_kl": stats[3]}
 
 
+@register_impl("triton", "ppo_value_loss")
 def ppo_value_loss(values, old_values, returns, mask, clip, agg):
     """Same contract as :func:`rlhf_kernels.reference.ppo_value_loss`."""
     out, _ = ppo_value_loss_fwd(values, old_values, returns, mask.bool(), None if clip is None else float(clip), agg)

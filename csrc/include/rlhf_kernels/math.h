@@ -1,6 +1,6 @@
 // Math shared by the C++ CPU kernels (g++) and the CUDA kernels (nvcc): pure inline functions on
-// fp32 scalars, no PyTorch or CUDA runtime headers.  Each formula is the one in DESIGN.md; the
-// gradient helpers follow PyTorch's autograd conventions where the reference has a kink:
+// fp32 scalars, no PyTorch or CUDA runtime headers.  Each formula is the one of the reference
+// backend (rlhf_kernels/reference/, documented in docs/architecture.md); the gradient helpers follow PyTorch's autograd conventions where the reference has a kink:
 // clamp passes the gradient on the closed interval [lo, hi], and maximum/minimum split it in half
 // on a tie (ratio inside the clip range makes the two PPO branches exactly equal).
 #pragma once
@@ -18,7 +18,12 @@ namespace rlhf_kernels {
 
 // ------------------------------------------------------------------------------------------------
 // KL estimators (Schulman 2020); d = logprobs - ref_logprobs.
+// The order of every enum here is the order of its names in rlhf_kernels/_registry.py (Python passes
+// the index); the k*Names tables are exposed by the op rlhf_kernels::enum_names and a test compares
+// them with the Python tuples.
 enum KlEstimator : int { kK1 = 0, kK2 = 1, kK3 = 2, kAbs = 3 };
+inline constexpr const char* kKlEstimatorNames[] = {"k1", "k2", "k3", "abs"};
+static_assert(sizeof(kKlEstimatorNames) / sizeof(kKlEstimatorNames[0]) == kAbs + 1, "one name per KlEstimator");
 
 RK_HD float kl_value(float d, int est) {
   switch (est) {
@@ -40,8 +45,51 @@ RK_HD float kl_grad(float d, int est) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// GAE aggregation modes and per-token weights for a masked [B, T] loss.
+// GAE over one row of T steps (the CPU kernel runs it per row in a loop, the CUDA kernel one row per
+// thread).  Masked steps are skipped: A_next and V_next carry over unchanged, outputs are 0 there.
+//   delta_t = r_t + gamma V_next - V_t,   A_t = delta_t + gamma lam A_next,   R_t = A_t + V_t
+RK_HD void gae_row_forward(const float* r, const float* v, const bool* m, int64_t T, float gamma,
+                           float gamma_lam, float* adv, float* ret) {
+  float a_next = 0.0f, v_next = 0.0f;
+  for (int64_t t = T - 1; t >= 0; --t) {
+    if (!m[t]) {
+      adv[t] = 0.0f;
+      ret[t] = 0.0f;
+      continue;
+    }
+    const float vt = v[t];
+    const float at = r[t] + gamma * v_next - vt + gamma_lam * a_next;
+    adv[t] = at;
+    ret[t] = at + vt;
+    a_next = at;
+    v_next = vt;
+  }
+}
+
+// Adjoint of the scan, run forward in time over the valid steps t_1 < t_2 < ...:
+//   G_i = gA_i + gR_i + gamma lam G_{i-1}        (total gradient reaching A at t_i)
+//   d r_i = G_i,   d v_i = -G_i + gR_i + gamma G_{i-1}   (v_i is V_next of step t_{i-1})
+RK_HD void gae_row_backward(const float* g_adv, const float* g_ret, const bool* m, int64_t T, float gamma,
+                            float gamma_lam, float* d_rewards, float* d_values) {
+  float carry = 0.0f;
+  for (int64_t t = 0; t < T; ++t) {
+    if (!m[t]) {
+      d_rewards[t] = 0.0f;
+      d_values[t] = 0.0f;
+      continue;
+    }
+    const float G = g_adv[t] + g_ret[t] + gamma_lam * carry;
+    d_rewards[t] = G;
+    d_values[t] = -G + g_ret[t] + gamma * carry;
+    carry = G;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Aggregation modes and per-token weights for a masked [B, T] loss.
 enum Agg : int { kTokenMean = 0, kSeqMeanTokenMean = 1, kSeqMeanTokenSum = 2 };
+inline constexpr const char* kAggNames[] = {"token-mean", "seq-mean-token-mean", "seq-mean-token-sum"};
+static_assert(sizeof(kAggNames) / sizeof(kAggNames[0]) == kSeqMeanTokenSum + 1, "one name per Agg");
 
 // Weight of each valid token of a row in the aggregated loss.
 RK_HD float agg_row_weight(int agg, float row_tokens, float total_tokens, float rows_with_tokens,
@@ -130,6 +178,8 @@ RK_HD ValueToken ppo_value_token(float v, float old, float ret, bool has_clip, f
 // ------------------------------------------------------------------------------------------------
 // DPO losses (Rafailov et al. 2023) and variants; h = (pc - rc) - (pr - rr).
 enum DpoLoss : int { kSigmoid = 0, kIpo = 1, kHinge = 2, kRobust = 3 };
+inline constexpr const char* kDpoLossNames[] = {"sigmoid", "ipo", "hinge", "robust"};
+static_assert(sizeof(kDpoLossNames) / sizeof(kDpoLossNames[0]) == kRobust + 1, "one name per DpoLoss");
 
 // log(sigmoid(x)) without overflow for |x| large.
 RK_HD float log_sigmoid(float x) { return fminf(x, 0.0f) - log1pf(expf(-fabsf(x))); }

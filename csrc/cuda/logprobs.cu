@@ -8,12 +8,13 @@
 #include <cuda_runtime.h>
 
 #include "rlhf_kernels/cuda_launch.h"
+#include "rlhf_kernels/cuda_utils.cuh"
 #include "rlhf_kernels/math.h"
 
 namespace rlhf_kernels {
 namespace {
 
-constexpr int kThreads = 256;
+using cuda_utils::kThreads;
 
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
@@ -136,9 +137,9 @@ int launch_bwd(const void* logits, int64_t row_stride, int64_t n, int64_t vocab,
 
 namespace cuda_launch {
 
-int token_logprobs_fwd(const void* logits, int dtype, int64_t row_stride, int64_t n, int64_t vocab,
-                       const int64_t* labels, float inv_t, int64_t ignore_index, bool with_entropy, float* logprobs,
-                       float* lse, float* entropy, void* stream) {
+int token_logprobs_forward(const void* logits, int dtype, int64_t row_stride, int64_t n, int64_t vocab,
+                           const int64_t* labels, float inv_t, int64_t ignore_index, bool with_entropy, float* logprobs,
+                           float* lse, float* entropy, void* stream) {
   if (n == 0) return 0;
   auto s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
@@ -148,9 +149,9 @@ int token_logprobs_fwd(const void* logits, int dtype, int64_t row_stride, int64_
   }
 }
 
-int token_logprobs_bwd(const void* logits, int dtype, int64_t row_stride, int64_t n, int64_t vocab,
-                       const int64_t* labels, const float* lse, const float* entropy, const float* g_logprobs,
-                       const float* g_entropy, float inv_t, int64_t ignore_index, void* grad, void* stream) {
+int token_logprobs_backward(const void* logits, int dtype, int64_t row_stride, int64_t n, int64_t vocab,
+                            const int64_t* labels, const float* lse, const float* entropy, const float* g_logprobs,
+                            const float* g_entropy, float inv_t, int64_t ignore_index, void* grad, void* stream) {
   if (n == 0 || vocab == 0) return 0;
   auto s = static_cast<cudaStream_t>(stream);
   switch (dtype) {

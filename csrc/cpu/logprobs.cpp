@@ -1,10 +1,10 @@
 // C++ CPU token_logprobs: one pass per row with an online log-sum-exp and entropy in fp32, rows in
 // parallel (at::parallel_for).  Extra memory is O(N): the per-row lse and entropy; backward re-reads
-// the logits instead of saving an [N, V] softmax.
+// the logits instead of saving an [N, V] softmax.  Also the schemas of the logprobs family.
 //
 // The row loops work on fp32 chunks that stay in L1, with a branch-free polynomial exp on 8-lane
 // vectors (GCC/Clang vector extensions, so no per-ISA copies or -ffast-math are needed).
-#include "../ops/ops.h"
+#include "common.h"
 #include "rlhf_kernels/math.h"
 
 #include <ATen/Dispatch.h>
@@ -13,6 +13,7 @@
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -359,3 +360,15 @@ Tensor token_logprobs_bwd(const Tensor& grad_logprobs, const std::optional<Tenso
 
 }  // namespace cpu
 }  // namespace rlhf_kernels
+
+TORCH_LIBRARY_FRAGMENT(rlhf_kernels, m) {
+  m.def("token_logprobs_fwd(Tensor logits, Tensor labels, float temperature, int ignore_index, "
+        "bool with_entropy) -> (Tensor, Tensor, Tensor)");
+  m.def("token_logprobs_bwd(Tensor grad_logprobs, Tensor? grad_entropy, Tensor logits, Tensor labels, "
+        "Tensor lse, Tensor entropy, float temperature, int ignore_index) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) {
+  m.impl("token_logprobs_fwd", &rlhf_kernels::cpu::token_logprobs_fwd);
+  m.impl("token_logprobs_bwd", &rlhf_kernels::cpu::token_logprobs_bwd);
+}

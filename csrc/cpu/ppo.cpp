@@ -1,127 +1,19 @@
-// C++ CPU kernels for kl_penalty, gae, ppo_policy_loss, ppo_value_loss and dpo_loss.  The math per
-// token is shared with the CUDA kernels (rlhf_kernels/math.h); here inputs are read as fp32
-// contiguous arrays, rows (sequences) run in parallel with at::parallel_for, and sums accumulate in
-// double per row and combine in row order (deterministic).  Masked entries are never read.
-#include "../ops/ops.h"
+// ppo_policy_loss and ppo_value_loss on CPU.  The math per token is shared with the CUDA kernels
+// (rlhf_kernels/math.h); rows (sequences) run in parallel, sums accumulate in double per row and
+// combine in row order (deterministic).  Masked entries are never read.  Also the family's schemas.
+#include "common.h"
 #include "rlhf_kernels/math.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/scalar_tensor.h>
+#include <torch/library.h>
 
-#include <algorithm>
 #include <vector>
 
 namespace rlhf_kernels {
 namespace cpu {
-namespace {
 
-constexpr int64_t kElemGrain = 32768;
-
-Tensor f32(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
-Tensor as_bool(const Tensor& m) { return (m.scalar_type() == at::kBool ? m : m.ne(0)).contiguous(); }
-
-void check_2d(const Tensor& t, const char* op) {
-  TORCH_CHECK(t.dim() == 2, "rlhf_kernels::", op, ": expected a 2-D [B, T] tensor, got ", t.sizes());
-}
-
-}  // namespace
-
-// ------------------------------------------------------------------------------------------------
-// kl_penalty
-
-Tensor kl_penalty_fwd(const Tensor& logprobs, const Tensor& ref_logprobs, int64_t estimator) {
-  const Tensor a = f32(logprobs), b = f32(ref_logprobs);
-  Tensor out = at::empty(a.sizes(), a.options());
-  const float *pa = a.data_ptr<float>(), *pb = b.data_ptr<float>();
-  float* po = out.data_ptr<float>();
-  const int est = static_cast<int>(estimator);
-  at::parallel_for(0, a.numel(), kElemGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) po[i] = kl_value(pa[i] - pb[i], est);
-  });
-  return out;
-}
-
-Tensor2 kl_penalty_bwd(const Tensor& grad, const Tensor& logprobs, const Tensor& ref_logprobs, int64_t estimator) {
-  const Tensor a = f32(logprobs), b = f32(ref_logprobs), g = f32(grad);
-  Tensor ga = at::empty(a.sizes(), a.options());
-  const float *pa = a.data_ptr<float>(), *pb = b.data_ptr<float>(), *pg = g.data_ptr<float>();
-  float* pga = ga.data_ptr<float>();
-  const int est = static_cast<int>(estimator);
-  at::parallel_for(0, a.numel(), kElemGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) pga[i] = pg[i] * kl_grad(pa[i] - pb[i], est);
-  });
-  return {ga.to(logprobs.scalar_type()), ga.neg().to(ref_logprobs.scalar_type())};
-}
-
-// ------------------------------------------------------------------------------------------------
-// gae: one reverse scan per row; masked steps carry A_next and V_next over unchanged.
-
-Tensor2 gae_fwd(const Tensor& rewards, const Tensor& values, const Tensor& mask, double gamma, double lam) {
-  check_2d(rewards, "gae");
-  const Tensor r = f32(rewards), v = f32(values), m = as_bool(mask);
-  const int64_t B = r.size(0), T = r.size(1);
-  Tensor adv = at::empty({B, T}, r.options()), ret = at::empty({B, T}, r.options());
-  const float *pr = r.data_ptr<float>(), *pv = v.data_ptr<float>();
-  const bool* pm = m.data_ptr<bool>();
-  float *pa = adv.data_ptr<float>(), *pR = ret.data_ptr<float>();
-  const float g = static_cast<float>(gamma), gl = static_cast<float>(gamma * lam);
-  at::parallel_for(0, B, std::max<int64_t>(1, 4096 / std::max<int64_t>(T, 1)), [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      float a_next = 0.0f, v_next = 0.0f;
-      const int64_t o = b * T;
-      for (int64_t t = T - 1; t >= 0; --t) {
-        if (!pm[o + t]) {
-          pa[o + t] = 0.0f;
-          pR[o + t] = 0.0f;
-          continue;
-        }
-        const float vt = pv[o + t];
-        const float a = pr[o + t] + g * v_next - vt + gl * a_next;
-        pa[o + t] = a;
-        pR[o + t] = a + vt;
-        a_next = a;
-        v_next = vt;
-      }
-    }
-  });
-  return {adv, ret};
-}
-
-// Adjoint of the scan, run forward in time over the valid steps t_1 < t_2 < ...:
-//   G_i = gA_i + gR_i + gamma lam G_{i-1}        (total gradient reaching A at t_i)
-//   d r_i = G_i,   d v_i = -G_i + gR_i + gamma G_{i-1}   (v_i is V_next of step t_{i-1})
-Tensor2 gae_bwd(const Tensor& grad_advantages, const Tensor& grad_returns, const Tensor& mask, double gamma,
-                double lam) {
-  check_2d(mask, "gae");
-  const Tensor gA = f32(grad_advantages), gR = f32(grad_returns), m = as_bool(mask);
-  const int64_t B = m.size(0), T = m.size(1);
-  Tensor dr = at::empty({B, T}, gA.options()), dv = at::empty({B, T}, gA.options());
-  const float *pgA = gA.data_ptr<float>(), *pgR = gR.data_ptr<float>();
-  const bool* pm = m.data_ptr<bool>();
-  float *pdr = dr.data_ptr<float>(), *pdv = dv.data_ptr<float>();
-  const float g = static_cast<float>(gamma), gl = static_cast<float>(gamma * lam);
-  at::parallel_for(0, B, std::max<int64_t>(1, 4096 / std::max<int64_t>(T, 1)), [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      float carry = 0.0f;
-      const int64_t o = b * T;
-      for (int64_t t = 0; t < T; ++t) {
-        if (!pm[o + t]) {
-          pdr[o + t] = 0.0f;
-          pdv[o + t] = 0.0f;
-          continue;
-        }
-        const float G = pgA[o + t] + pgR[o + t] + gl * carry;
-        pdr[o + t] = G;
-        pdv[o + t] = -G + pgR[o + t] + g * carry;
-        carry = G;
-      }
-    }
-  });
-  return {dr, dv};
-}
-
-// ------------------------------------------------------------------------------------------------
 // Masked aggregation shared by the PPO losses: per-row sums in parallel, then the row weights.
 
 namespace {
@@ -157,7 +49,7 @@ Tensor3 ppo_policy_loss_fwd(const Tensor& logprobs, const Tensor& old_logprobs, 
   const float dc = has_dual ? static_cast<float>(*dual_clip) : 0.0f;
   // per row: valid tokens, sum pg, clipped, lower, sum(old - lp)
   std::vector<double> cnt(B), pg_sum(B), clip_n(B), lower_n(B), kl_sum(B);
-  at::parallel_for(0, B, std::max<int64_t>(1, 4096 / std::max<int64_t>(T, 1)), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B, row_grain(T), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       double c = 0, s = 0, cn = 0, ln = 0, k = 0;
       for (int64_t t = b * T; t < (b + 1) * T; ++t) {
@@ -231,7 +123,7 @@ Tensor3 ppo_value_loss_fwd(const Tensor& values, const Tensor& old_values, const
   const bool has_clip = clip.has_value();
   const float c = has_clip ? static_cast<float>(*clip) : 0.0f;
   std::vector<double> cnt(B), vf_sum(B), clip_n(B);
-  at::parallel_for(0, B, std::max<int64_t>(1, 4096 / std::max<int64_t>(T, 1)), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B, row_grain(T), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       double n = 0, s = 0, cn = 0;
       for (int64_t t = b * T; t < (b + 1) * T; ++t) {
@@ -287,47 +179,24 @@ Tensor3 ppo_value_loss_bwd(const Tensor& grad_loss, const Tensor& values, const 
   return {dv.to(values.scalar_type()), dold.to(old_values.scalar_type()), dret.to(returns.scalar_type())};
 }
 
-// ------------------------------------------------------------------------------------------------
-// dpo_loss: elementwise over pairs.
-
-Tensor3 dpo_loss_fwd(const Tensor& pc, const Tensor& pr, const Tensor& rc, const Tensor& rr, double beta,
-                     int64_t loss_type, double label_smoothing) {
-  const Tensor a = f32(pc), b = f32(pr), c = f32(rc), d = f32(rr);
-  const int64_t n = a.numel();
-  Tensor losses = at::empty({n}, a.options()), cr = at::empty({n}, a.options()), rj = at::empty({n}, a.options());
-  const float *pa = a.data_ptr<float>(), *pb = b.data_ptr<float>(), *pcc = c.data_ptr<float>(),
-              *pd = d.data_ptr<float>();
-  float *pl = losses.data_ptr<float>(), *pcr = cr.data_ptr<float>(), *prj = rj.data_ptr<float>();
-  const float be = static_cast<float>(beta), ls = static_cast<float>(label_smoothing);
-  const int type = static_cast<int>(loss_type);
-  at::parallel_for(0, n, kElemGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const float chosen = pa[i] - pcc[i], rejected = pb[i] - pd[i];
-      pl[i] = dpo_pair(chosen - rejected, be, type, ls).loss;
-      pcr[i] = be * chosen;
-      prj[i] = be * rejected;
-    }
-  });
-  return {losses, cr, rj};
-}
-
-Tensor4 dpo_loss_bwd(const Tensor& grad_losses, const Tensor& pc, const Tensor& pr, const Tensor& rc,
-                     const Tensor& rr, double beta, int64_t loss_type, double label_smoothing) {
-  const Tensor a = f32(pc), b = f32(pr), c = f32(rc), d = f32(rr), g = f32(grad_losses);
-  const int64_t n = a.numel();
-  Tensor dh = at::empty({n}, a.options());
-  const float *pa = a.data_ptr<float>(), *pb = b.data_ptr<float>(), *pcc = c.data_ptr<float>(),
-              *pd = d.data_ptr<float>(), *pg = g.data_ptr<float>();
-  float* pdh = dh.data_ptr<float>();
-  const float be = static_cast<float>(beta), ls = static_cast<float>(label_smoothing);
-  const int type = static_cast<int>(loss_type);
-  at::parallel_for(0, n, kElemGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i)
-      pdh[i] = pg[i] * dpo_pair((pa[i] - pcc[i]) - (pb[i] - pd[i]), be, type, ls).d_h;
-  });
-  const Tensor neg = dh.neg();
-  return {dh.to(pc.scalar_type()), neg.to(pr.scalar_type()), neg.to(rc.scalar_type()), dh.to(rr.scalar_type())};
-}
-
 }  // namespace cpu
 }  // namespace rlhf_kernels
+
+TORCH_LIBRARY_FRAGMENT(rlhf_kernels, m) {
+  m.def("ppo_policy_loss_fwd(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, "
+        "float clip_low, float clip_high, float? dual_clip, int agg) -> (Tensor, Tensor, Tensor)");
+  m.def("ppo_policy_loss_bwd(Tensor grad_loss, Tensor logprobs, Tensor old_logprobs, Tensor advantages, "
+        "Tensor mask, Tensor row_weight, float clip_low, float clip_high, float? dual_clip) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("ppo_value_loss_fwd(Tensor values, Tensor old_values, Tensor returns, Tensor mask, float? clip, "
+        "int agg) -> (Tensor, Tensor, Tensor)");
+  m.def("ppo_value_loss_bwd(Tensor grad_loss, Tensor values, Tensor old_values, Tensor returns, "
+        "Tensor mask, Tensor row_weight, float? clip) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) {
+  m.impl("ppo_policy_loss_fwd", &rlhf_kernels::cpu::ppo_policy_loss_fwd);
+  m.impl("ppo_policy_loss_bwd", &rlhf_kernels::cpu::ppo_policy_loss_bwd);
+  m.impl("ppo_value_loss_fwd", &rlhf_kernels::cpu::ppo_value_loss_fwd);
+  m.impl("ppo_value_loss_bwd", &rlhf_kernels::cpu::ppo_value_loss_bwd);
+}

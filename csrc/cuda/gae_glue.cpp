@@ -1,0 +1,51 @@
+// CUDA glue of gae: takes tensors and the current stream, calls the raw-pointer launchers of
+// csrc/cuda/gae.cu and registers the CUDA implementations.  Compiled only in CUDA builds.
+#include "glue.h"
+
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+namespace rlhf_kernels {
+namespace cuda_launch {
+
+// Defined in csrc/cuda/gae.cu.
+int gae_forward(const float* rewards, const float* values, const bool* mask, int64_t B, int64_t T, float gamma,
+                float gamma_lam, float* advantages, float* returns, void* stream);
+int gae_backward(const float* g_adv, const float* g_ret, const bool* mask, int64_t B, int64_t T, float gamma,
+                 float gamma_lam, float* g_rewards, float* g_values, void* stream);
+
+}  // namespace cuda_launch
+
+namespace cuda {
+
+Tensor2 gae_fwd(const Tensor& rewards, const Tensor& values, const Tensor& mask, double gamma, double lam) {
+  c10::cuda::CUDAGuard guard(rewards.device());
+  const Tensor r = f32(rewards), v = f32(values), m = as_bool(mask);
+  const int64_t B = r.size(0), T = r.size(1);
+  Tensor adv = at::empty({B, T}, r.options()), ret = at::empty({B, T}, r.options());
+  check(L::gae_forward(fp(r), fp(v), m.data_ptr<bool>(), B, T, static_cast<float>(gamma), static_cast<float>(gamma * lam),
+                       fp(adv), fp(ret), stream()),
+        "gae_fwd");
+  return {adv, ret};
+}
+
+Tensor2 gae_bwd(const Tensor& grad_advantages, const Tensor& grad_returns, const Tensor& mask, double gamma,
+                double lam) {
+  c10::cuda::CUDAGuard guard(mask.device());
+  const Tensor gA = f32(grad_advantages), gR = f32(grad_returns), m = as_bool(mask);
+  const int64_t B = m.size(0), T = m.size(1);
+  Tensor dr = at::empty({B, T}, gA.options()), dv = at::empty({B, T}, gA.options());
+  check(L::gae_backward(fp(gA), fp(gR), m.data_ptr<bool>(), B, T, static_cast<float>(gamma),
+                        static_cast<float>(gamma * lam), fp(dr), fp(dv), stream()),
+        "gae_bwd");
+  return {dr, dv};
+}
+
+}  // namespace cuda
+}  // namespace rlhf_kernels
+
+TORCH_LIBRARY_IMPL(rlhf_kernels, CUDA, m) {
+  m.impl("gae_fwd", &rlhf_kernels::cuda::gae_fwd);
+  m.impl("gae_bwd", &rlhf_kernels::cuda::gae_bwd);
+}

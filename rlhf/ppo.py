@@ -29,7 +29,7 @@ from .logging import Progress
 from .models import load_policy, load_reference, load_reward_model, policy_logprobs
 from .ppo_trainer import PPOTrainer
 from .tasks import gold_score, make_prompts
-from .trainer_utils import global_batch_indices, load_records_for, rank_slice, run_command
+from .trainer_utils import RunContext, global_batch_indices, load_records_for, rank_slice, run_command
 
 __all__ = [  # the PPO pieces are importable from here as before the split
     "ActorCritic", "AdaptiveKLController", "FixedKLController", "PPOConfig", "PPOHyperParams", "PPOTrainer",

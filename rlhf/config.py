@@ -1,7 +1,7 @@
 """Configs as dataclasses: a docstring per field, a YAML file (``--config``) and command-line overrides.
 
-Every trainer declares one dataclass (subclassing :class:`TrainConfig`); :func:`parse_config` turns it
-into a command line.  Precedence: the dataclass default < the YAML file < the command line.
+Every trainer declares one dataclass (subclassing :class:`TrainConfig`, or :class:`RunConfig` for PPO);
+:func:`parse_config` turns it into a command line.  Precedence: the dataclass default < the YAML file < the command line.
 
 The docstring written under each field (``lr: float = 1e-4`` then ``\"\"\"Peak learning rate.\"\"\"``)
 is the field's ``--help`` text; :func:`field_docs` reads it from the source.
@@ -21,8 +21,8 @@ from typing import Any
 
 
 @dataclass
-class TrainConfig:
-    """Settings shared by every trainer."""
+class RunConfig:
+    """Settings shared by every trainer (PPO batches its rollouts its own way: see :class:`TrainConfig`)."""
 
     model: str = "builtin"
     """Policy/base model: a local folder or a Hub name loadable with ``from_pretrained``, or
@@ -41,12 +41,6 @@ class TrainConfig:
     """Where checkpoints, the final model and metrics.jsonl are written."""
     max_length: int = 512
     """Maximum tokens per sequence (prompt + completion); completions are cut to fit, prompts never."""
-    padding_side: str = "right"
-    """``right`` or ``left`` padding of training batches (position ids follow the attention mask)."""
-    per_device_batch_size: int = 8
-    """Sequences (or pairs) per micro-batch on each process."""
-    gradient_accumulation_steps: int = 1
-    """Micro-batches per optimizer step; global batch = per_device_batch_size * world * this."""
     lr: float = 1e-4
     """Peak learning rate of AdamW."""
     weight_decay: float = 0.0
@@ -87,6 +81,18 @@ class TrainConfig:
     """rlhf_kernels backend for log-probs and losses."""
     progress_bar: bool = True
     """Show a progress bar (on the main process, when stderr is a terminal)."""
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """Settings of the trainers that step over batches of a dataset (SFT, reward model, DPO)."""
+
+    padding_side: str = "right"
+    """``right`` or ``left`` padding of training batches (position ids follow the attention mask)."""
+    per_device_batch_size: int = 8
+    """Sequences (or pairs) per micro-batch on each process."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step; global batch = per_device_batch_size * world * this."""
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -291,13 +291,19 @@ def pad_batch(seqs: list[list[int]], pad_value: int, padding_side: str = "right"
     return torch.tensor(rows, dtype=torch.long)
 
 
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` positions counting real tokens only (0 on padding), for left or right padding: what
+    ``generate`` computes, so a padded row gives the outputs of the row alone."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def collate(ids: list[list[int]], labels: list[list[int]] | None, pad_token_id: int,
             padding_side: str = "right") -> dict[str, torch.Tensor]:
     """A model batch: ``input_ids``, ``attention_mask``, ``position_ids`` (from the mask, so left and
     right padding give the same outputs) and, with ``labels``, ``labels`` padded with -100."""
     input_ids = pad_batch(ids, pad_token_id, padding_side)
     attention_mask = pad_batch([[1] * len(s) for s in ids], 0, padding_side)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    position_ids = position_ids_from_mask(attention_mask)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
     if labels is not None:
         batch["labels"] = pad_batch(labels, IGNORE_INDEX, padding_side)

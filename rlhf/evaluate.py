@@ -1,7 +1,8 @@
 """Evaluate a policy the way the pipeline report does: gold score, proxy reward, KL to SFT, length.
 
-Responses are sampled at temperature 1 (the distribution PPO optimises), so the mean over samples of
-sum_t (log pi(y_t) - log pi_sft(y_t)) is an unbiased estimate of KL(pi || pi_sft) per sequence.
+Responses are sampled with the pipeline's one sampler (:mod:`rlhf.generation`) at temperature 1 (the
+distribution PPO optimises), so the mean over samples of sum_t (log pi(y_t) - log pi_sft(y_t)) is an
+unbiased estimate of KL(pi || pi_sft) per sequence.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import torch
 import rlhf_kernels as rk
 
 from .data import tokenize_prompts
-from .models import ScalarHead
+from .models import ScalarHead, policy_logprobs
+from .rollout import sample_rollout
 
 
 @torch.no_grad()
@@ -34,8 +36,6 @@ def evaluate_policy(
 
     The sampling RNG is forked so that evaluating does not change the caller's random stream.
     """
-    from .ppo import _position_ids, generate_responses, left_pad, policy_logprobs
-
     score_head = ScalarHead(reward_model)
     device = next(policy.parameters()).device
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -51,28 +51,20 @@ def evaluate_policy(
             ids = [
                 e["prompt_ids"] for e in tokenize_prompts([{"prompt": t} for t in texts], tokenizer, 10**9)
             ]
-            prompt_ids, prompt_mask = left_pad(ids, pad_id, device)
-            responses, response_mask, _ = generate_responses(
-                policy, prompt_ids, prompt_mask, eos_id=eos_id, pad_id=pad_id, max_new_tokens=max_new_tokens
-            )
-            R = responses.shape[1]
-            input_ids = torch.cat([prompt_ids, responses], 1)
-            attention_mask = torch.cat([prompt_mask, response_mask.long()], 1)
-            labels = responses.masked_fill(~response_mask, -100)
-            logp = policy_logprobs(policy, input_ids, attention_mask, labels, 1.0, backend)
-            sft_logp = policy_logprobs(sft_policy, input_ids, attention_mask, labels, 1.0, backend)
+            r = sample_rollout(policy, ids, eos_id=eos_id, pad_id=pad_id, max_new_tokens=max_new_tokens,
+                               device=device)
+            logp = policy_logprobs(policy, r.input_ids, r.attention_mask, r.labels, 1.0, backend)
+            sft_logp = policy_logprobs(sft_policy, r.input_ids, r.attention_mask, r.labels, 1.0, backend)
             kl += (
-                (rk.kl_penalty(logp, sft_logp, estimator="k1", backend=backend) * response_mask)
+                (rk.kl_penalty(logp, sft_logp, estimator="k1", backend=backend) * r.response_mask)
                 .sum(1)
                 .tolist()
             )
-            last = response_mask.sum(1) - 1
-            scores = score_head(input_ids, attention_mask, _position_ids(attention_mask))
-            proxy += scores[:, -R:][torch.arange(len(texts), device=device), last].tolist()
-            length += response_mask.sum(1).tolist()
+            proxy += r.last_token_scores(score_head(r.input_ids, r.attention_mask, r.position_ids)).tolist()
+            length += r.response_mask.sum(1).tolist()
             if gold_fn is not None:
-                for text, r, m in zip(texts, responses, response_mask):
-                    gold.append(gold_fn(text, tokenizer.decode(r[m].tolist(), skip_special_tokens=True)))
+                for text, response in zip(texts, r.response_lists()):
+                    gold.append(gold_fn(text, tokenizer.decode(response, skip_special_tokens=True)))
     policy.train(was_training)
     mean = lambda xs: float(sum(xs) / len(xs)) if xs else float("nan")
     out = {"proxy": mean(proxy), "kl_to_sft": mean(kl), "response_length": mean(length)}

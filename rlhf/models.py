@@ -15,7 +15,7 @@ import torch
 
 import rlhf_kernels as rk
 
-from .data import IGNORE_INDEX
+from .data import IGNORE_INDEX, position_ids_from_mask
 
 BUILTIN = "builtin"
 
@@ -154,20 +154,60 @@ def unwrap(model):
 # Computations on batches from rlhf.data.collate
 
 
+def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """``labels[:, 1:]`` with ``ignore_index`` appended: position t of the logits predicts token t+1.
+
+    Passing the model's whole logits with these labels to ``rlhf_kernels.token_logprobs`` gives the
+    log-probs of ``logits[:, :-1]`` against ``labels[:, 1:]`` (and 0 at the last position) without
+    slicing the logits: a slice's backward allocates a zero-filled ``[B, T, V]`` gradient and copies
+    into it, whereas the kernel writes the full-size gradient once (zero at ignored positions).
+    """
+    return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)
+
+
+def logits_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                    backend: str = "auto", return_entropy: bool = False):
+    """Log-probs (and entropies) ``[B, T]`` of the next-token ``labels`` under the whole ``logits``
+    ``[B, T, V]`` of a causal LM, labels not yet shifted (``labels[:, t]`` is token t; -100 where
+    not scored).  Column t is the log-prob of token t+1; the last column is 0."""
+    return rk.token_logprobs(logits, shift_labels(labels), temperature=temperature, ignore_index=IGNORE_INDEX,
+                             return_entropy=return_entropy, backend=backend)
+
+
 def token_logprobs(model, batch: dict, temperature: float = 1.0, backend: str = "auto",
                    return_entropy: bool = False):
     """Per-token log-probs of ``batch["labels"]`` under ``model``: ``[B, T-1]`` fp32, 0 where the
     label is -100 (the shift is done here: position t predicts token t+1)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    position_ids=batch["position_ids"], use_cache=False).logits
-    labels = batch["labels"][:, 1:]
-    return rk.token_logprobs(logits[:, :-1], labels, temperature=temperature, ignore_index=IGNORE_INDEX,
-                             return_entropy=return_entropy, backend=backend)
+    out = logits_logprobs(logits, batch["labels"], temperature, backend, return_entropy)
+    return tuple(o[:, :-1] for o in out) if return_entropy else out[:, :-1]
 
 
 def sequence_logprobs(model, batch: dict, backend: str = "auto") -> torch.Tensor:
     """``[B]`` fp32: log-probs summed over each row's completion (label != -100) tokens."""
     return token_logprobs(model, batch, backend=backend).sum(-1)
+
+
+@torch.no_grad()
+def policy_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                    temperature: float = 1.0, backend: str = "auto", return_entropy: bool = False):
+    """Log-probs ``[B, R]`` of a response ``labels`` (``[B, R]``, -100 where masked) that ends
+    ``input_ids`` (prompt + response, left-padded prompts), under a causal LM, without gradients."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+    return response_logprobs(logits, labels, temperature, backend, return_entropy)
+
+
+def response_logprobs(logits: torch.Tensor, response_labels: torch.Tensor, temperature: float = 1.0,
+                      backend: str = "auto", return_entropy: bool = False):
+    """Log-probs (and entropies) ``[B, R]`` of the last ``R`` tokens of a sequence from the whole logits
+    ``[B, T, V]``: the labels are padded on the left with -100 to ``[B, T]`` and shifted, so the
+    logits are never sliced (see :func:`shift_labels`)."""
+    R = response_labels.shape[1]
+    labels = torch.nn.functional.pad(response_labels, (logits.shape[1] - R, 0), value=IGNORE_INDEX)
+    out = logits_logprobs(logits, labels, temperature, backend, return_entropy)
+    return tuple(o[:, -R - 1:-1] for o in out) if return_entropy else out[:, -R - 1:-1]
 
 
 class ScalarHead(torch.nn.Module):

@@ -166,14 +166,26 @@ def test_adaptive_kl_controller_follows_ziegler():
     assert ctl.value == pytest.approx(0.1 * (1 - 0.1 * 50 / 1000))
 
 
-class _ScriptedLM:
-    """Stands in for a causal LM whose generate() returns fixed tokens."""
+class _ScriptedLM(torch.nn.Module):
+    """Stands in for a causal LM (KV cache and all) that puts all probability on fixed tokens:
+    step t of sampling emits ``new_tokens[:, t]``, whatever the sampler feeds back."""
 
     def __init__(self, new_tokens):
+        super().__init__()
         self.new_tokens = torch.tensor(new_tokens)
+        self.weight = torch.nn.Parameter(torch.zeros(1))
 
-    def generate(self, input_ids, **kwargs):
-        return torch.cat([input_ids, self.new_tokens], 1)
+    def forward(self, input_ids, attention_mask, position_ids, use_cache, past_key_values=None):
+        step = 0 if past_key_values is None else past_key_values + 1
+        logits = torch.full((input_ids.shape[0], input_ids.shape[1], VOCAB), -1e4)
+        logits[:, -1] = torch.nn.functional.one_hot(self.new_tokens[:, step], VOCAB).float() * 2e4 - 1e4
+        return _Output(logits=logits, past_key_values=step)
+
+
+class _Output(dict):
+    """Like transformers' ModelOutput: items readable as keys and as attributes."""
+
+    __getattr__ = dict.__getitem__
 
 
 def test_response_ends_at_first_eos():

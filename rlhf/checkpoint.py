@@ -72,12 +72,18 @@ def set_rng_state(state: dict) -> None:
 
 
 def holds_run(output_dir: str) -> bool:
-    """Whether ``output_dir`` holds the files of a previous run (metrics, a model, checkpoints)."""
+    """Whether ``output_dir`` holds the results of a previous run: logged metrics, a model, a
+    checkpoint or a report.  (A run that failed before its first step leaves nothing to protect.)"""
     if not os.path.isdir(output_dir):
         return False
-    markers = {RUN_FILE, "metrics.jsonl", "run_config.yaml", "trainer_state.pt", "config.json",
-               "model.safetensors", "pytorch_model.bin", "report.json"}
-    return any(n in markers or _CKPT.match(n) for n in os.listdir(output_dir))
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        if _CKPT.match(name) or name in ("config.json", "model.safetensors", "model.safetensors.index.json",
+                                         "pytorch_model.bin", "report.json", "trainer_state.pt"):
+            return True
+        if name == "metrics.jsonl" and os.path.getsize(path) > 0:
+            return True
+    return False
 
 
 def folder_run_id(output_dir: str) -> str | None:

@@ -152,7 +152,7 @@ def check_checkpoint(path: str) -> str | None:
             f = os.path.join(root, name)
             rel = os.path.relpath(f, path)
             try:
-                if name.endswith(".pt") or name.endswith(".bin"):
+                if name.endswith((".pt", ".bin")):
                     obj = _load(f)
                     if rel == "trainer_state.pt":
                         state = obj
@@ -160,12 +160,12 @@ def check_checkpoint(path: str) -> str | None:
                     from safetensors import safe_open
 
                     with safe_open(f, framework="pt") as st:
-                        for key in st.keys():
+                        for key in st.keys():  # noqa: SIM118 - a safe_open handle, not a dict
                             st.get_slice(key)
             except pickle.UnpicklingError as e:
                 return (f"{rel} holds something other than tensors and plain values, refused "
                         f"(weights_only load: {' '.join(str(e).split()[:12])} ...)")
-            except Exception as e:  # a short read, a bad zip or safetensors header, ...
+            except Exception as e:  # noqa: BLE001 - a short read, a bad zip or safetensors header, ...
                 return f"{rel} is truncated or corrupt ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
     if not (isinstance(state, dict) and {"step", "optimizer", "scheduler"} <= set(state)):
         return "trainer_state.pt lacks step/optimizer/scheduler"

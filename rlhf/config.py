@@ -18,6 +18,7 @@ import ast
 import dataclasses
 import inspect
 import itertools
+import math
 import textwrap
 import typing
 from dataclasses import dataclass
@@ -61,7 +62,7 @@ def check_types(config) -> None:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
             if ok:
                 value = float(value)
-                if value != value:
+                if math.isnan(value):
                     raise ConfigError(f"{option(f.name)} must be a number, got nan")
                 object.__setattr__(config, f.name, value)
         elif base is str:

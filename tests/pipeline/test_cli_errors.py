@@ -21,6 +21,12 @@ from rlhf.sft import SFTConfig
 from .helpers import write_jsonl
 from .test_trainers import pref_records, sft_records
 
+
+def open_bytes(path):
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -43,7 +49,7 @@ def files(tmp_path, tiny_models):
     no_tok.mkdir()
     for name in os.listdir(tiny_models["llama"]):
         if name in ("config.json", "model.safetensors", "generation_config.json"):
-            (no_tok / name).write_bytes(open(os.path.join(tiny_models["llama"], name), "rb").read())
+            (no_tok / name).write_bytes(open_bytes(os.path.join(tiny_models["llama"], name)))
     f["no_tok"] = str(no_tok)
     yaml_float = tmp_path / "float.yaml"
     yaml_float.write_text("max_steps: 2.7\n")
@@ -143,7 +149,8 @@ def test_unreadable_dataset_file(files, capsys, monkeypatch):
 def _run(argv, **env):
     e = {k: v for k, v in os.environ.items() if k != "RLHF_DEBUG"}
     e.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
-    return subprocess.run([sys.executable, "-m", "rlhf", *argv], env=e, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "rlhf", *argv], env=e, capture_output=True, text=True, timeout=300,
+                          check=False)
 
 
 def test_through_the_real_command(files):

@@ -5,7 +5,6 @@ named in one line with the earlier checkpoints intact."""
 
 import errno
 import os
-import pickle
 import random
 import re
 
@@ -66,7 +65,7 @@ def test_rng_state_roundtrips_through_weights_only_load(tmp_path):
     random.seed(3)
     np.random.seed(4)
     torch.manual_seed(5)
-    random.random(), np.random.randn(), torch.rand(1)  # noqa: B018 - move every generator
+    random.random(), np.random.randn(), torch.rand(1)  # move every generator
     np.random.standard_normal()  # numpy's cached Gaussian is part of its state
     path = tmp_path / "rng.pt"
     torch.save(ckpt.rng_state(), path)

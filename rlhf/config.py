@@ -5,6 +5,10 @@ Every trainer declares one dataclass (subclassing :class:`TrainConfig`, or :clas
 
 The docstring written under each field (``lr: float = 1e-4`` then ``\"\"\"Peak learning rate.\"\"\"``)
 is the field's ``--help`` text; :func:`field_docs` reads it from the source.
+
+Every field's type and range is checked in ``__post_init__`` (:meth:`TrainConfig.__post_init__`), so a
+config built from YAML, from the command line or in Python is validated once, the same way; a bad
+value raises :class:`ConfigError` naming the option.
 """
 
 from __future__ import annotations
@@ -14,10 +18,74 @@ import ast
 import dataclasses
 import inspect
 import itertools
+import math
 import textwrap
 import typing
 from dataclasses import dataclass
 from typing import Any
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for (an option, a path, a file, the data): ``rlhf`` prints
+    the message as one line ``rlhf <command>: error: ...`` and exits with status 2."""
+
+
+class ConfigError(UserError, ValueError):
+    """An invalid option value: the message names the option."""
+
+
+def option(name: str) -> str:
+    """The command-line spelling of field ``name``."""
+    return "--" + name.replace("_", "-")
+
+
+def check_types(config) -> None:
+    """Check (and normalise) every field of dataclass instance ``config`` against its annotation:
+    ``int`` fields take integers only (a YAML ``2.7`` or ``true`` is an error, as on the command
+    line), ``float`` fields take ints or floats (stored as float), ``str`` fields take strings,
+    ``bool`` fields take booleans; ``X | None`` also takes None."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        tp = hints[f.name]
+        value = getattr(config, f.name)
+        optional = type(None) in typing.get_args(tp)
+        base = _base_type(tp)
+        if value is None:
+            if not optional:
+                raise ConfigError(f"{option(f.name)} must be a {base.__name__}, got None")
+            continue
+        if base is bool:
+            ok = isinstance(value, bool)
+        elif base is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif base is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if ok:
+                value = float(value)
+                if math.isnan(value):
+                    raise ConfigError(f"{option(f.name)} must be a number, got nan")
+                object.__setattr__(config, f.name, value)
+        elif base is str:
+            ok = isinstance(value, str)
+        else:
+            ok = True
+        if not ok:
+            raise ConfigError(f"{option(f.name)} expects {base.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def require(ok: bool, name: str, what: str, value: Any) -> None:
+    """Raise :class:`ConfigError` ``--name must be <what>, got <value>`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{option(name)} must be {what}, got {value!r}")
+
+
+def require_choice(name: str, value: Any, choices) -> None:
+    require(value in choices, name, "one of " + ", ".join(map(str, choices)), value)
+
+
+LR_SCHEDULERS = ("cosine", "linear", "constant")
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+KERNEL_BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 
 
 @dataclass
@@ -54,7 +122,7 @@ class RunConfig:
     lr_scheduler: str = "cosine"
     """Decay after warmup: ``cosine``, ``linear`` or ``constant``."""
     max_grad_norm: float = 1.0
-    """Clip the global gradient norm to this (0 disables clipping)."""
+    """Clip the global gradient norm to this (0 turns clipping off)."""
     num_epochs: float = 1.0
     """Passes over the training data (ignored when ``max_steps`` > 0)."""
     max_steps: int = 0
@@ -68,9 +136,12 @@ class RunConfig:
     save_steps: int = 0
     """Write a checkpoint every this many steps (0: only the final model)."""
     save_total_limit: int = 2
-    """Keep at most this many step checkpoints (older ones are deleted)."""
+    """Keep at most this many step checkpoints of this run (older ones are deleted; 0 keeps all)."""
     resume: bool = False
     """Continue from the last complete checkpoint in ``output_dir``."""
+    overwrite_output_dir: bool = False
+    """Start a new run in an ``output_dir`` that holds a previous run (its files are overwritten;
+    its checkpoints are left alone and never resumed or pruned by this run)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     dtype: str = "auto"
@@ -81,6 +152,34 @@ class RunConfig:
     """rlhf_kernels backend for log-probs and losses."""
     progress_bar: bool = True
     """Show a progress bar (on the main process, when stderr is a terminal)."""
+    ddp_timeout: float = 1800.0
+    """Seconds a process waits for the others (joining, or in a collective) before the run fails
+    with an error naming the rank, instead of hanging (multi-process runs only)."""
+
+    def __post_init__(self):
+        check_types(self)
+        require(self.output_dir.strip() != "", "output_dir", "a folder path", self.output_dir)
+        for name in ("model", "dataset"):
+            require(getattr(self, name).strip() != "", name, "a path, a Hub name or builtin", getattr(self, name))
+        require(0.0 <= self.eval_fraction < 1.0, "eval_fraction", "in [0, 1)", self.eval_fraction)
+        require(self.max_length >= 2, "max_length", ">= 2", self.max_length)
+        require(self.logging_steps >= 1, "logging_steps", ">= 1", self.logging_steps)
+        require(self.lr >= 0.0 and self.lr != float("inf"), "lr", ">= 0 and finite", self.lr)
+        require(self.weight_decay >= 0.0, "weight_decay", ">= 0", self.weight_decay)
+        require(0.0 <= self.adam_beta1 < 1.0, "adam_beta1", "in [0, 1)", self.adam_beta1)
+        require(0.0 <= self.adam_beta2 < 1.0, "adam_beta2", "in [0, 1)", self.adam_beta2)
+        require_choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        require(self.max_grad_norm >= 0.0, "max_grad_norm", ">= 0 (0 turns clipping off)", self.max_grad_norm)
+        require(self.num_epochs > 0.0, "num_epochs", "> 0", self.num_epochs)
+        for name in ("warmup_steps", "max_steps", "eval_steps", "save_steps", "save_total_limit"):
+            require(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
+        require_choice("dtype", self.dtype, DTYPES)
+        require(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"), "device",
+                "auto, cpu, cuda, cuda:N or mps", self.device)
+        require_choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
+        require(self.ddp_timeout > 0.0, "ddp_timeout", "> 0 seconds", self.ddp_timeout)
+        require(not (self.resume and self.overwrite_output_dir), "resume", "off with --overwrite-output-dir "
+                "(continue the run, or start a new one over it, not both)", self.resume)
 
 
 @dataclass
@@ -93,6 +192,12 @@ class TrainConfig(RunConfig):
     """Sequences (or pairs) per micro-batch on each process."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step; global batch = per_device_batch_size * world * this."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        require_choice("padding_side", self.padding_side, ("right", "left"))
+        for name in ("per_device_batch_size", "gradient_accumulation_steps"):
+            require(getattr(self, name) >= 1, name, ">= 1", getattr(self, name))
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -125,9 +230,13 @@ def _base_type(tp: Any) -> Any:
 
 
 def _convert(name: str, value: Any, tp: Any) -> Any:
+    """A command-line string converted to the field's type; YAML values (already typed) are left as
+    they are for ``__post_init__`` to check, so ``max_steps: 2.7`` is rejected, not truncated."""
     base = _base_type(tp)
     if value is None:
         return None
+    if not isinstance(value, str):
+        return value
     if base is bool:
         if isinstance(value, bool):
             return value
@@ -135,21 +244,29 @@ def _convert(name: str, value: Any, tp: Any) -> Any:
             return True
         if str(value).lower() in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"config field {name!r} expects true/false, got {value!r}")
+        raise ConfigError(f"{option(name)} expects true/false, got {value!r}")
     if isinstance(value, str) and value.lower() in ("none", "null") and base is not str:
         return None
     try:
         return base(value)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"config field {name!r} expects {base.__name__}, got {value!r}") from e
+        raise ConfigError(f"{option(name)} expects {base.__name__}, got {value!r}") from e
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises :class:`ConfigError` (one line, no usage dump) instead of exiting."""
+
+    def error(self, message: str):
+        raise ConfigError(message)
 
 
 def build_parser(cls: type, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
-    """An argparse parser with ``--config`` and one ``--field-name`` option per field of ``cls``."""
+    """An argparse parser with ``--config``, ``--debug`` and one ``--field-name`` option per field of ``cls``."""
     docs = field_docs(cls)
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     argument_default=argparse.SUPPRESS)
+    parser = ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="YAML file with field: value lines (command line wins)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also: environment variable RLHF_DEBUG=1)")
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
@@ -172,6 +289,7 @@ def parse_config(cls: type, argv: list[str] | None = None, prog: str | None = No
     parser = build_parser(cls, prog=prog, description=description)
     ns = vars(parser.parse_args(argv))
     values: dict[str, Any] = {}
+    ns.pop("debug", None)
     path = ns.pop("config", None)
     if path is not None:
         values.update(load_yaml(path, cls))
@@ -184,12 +302,16 @@ def load_yaml(path: str, cls: type) -> dict[str, Any]:
     import yaml
 
     try:
-        with open(path) as fh:
+        with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh) or {}
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"--config file {path!r} does not exist") from e
+        raise ConfigError(f"--config file {path!r} does not exist") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config file {path!r} could not be read: {e}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config file {path!r} is not valid YAML: {' '.join(str(e).split())}") from e
     if not isinstance(data, dict):
-        raise TypeError(f"--config file {path!r} must hold a mapping of field: value, got {type(data).__name__}")
+        raise ConfigError(f"--config file {path!r} must hold a mapping of field: value, got {type(data).__name__}")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
@@ -199,8 +321,15 @@ def make_config(cls: type, values: dict[str, Any]):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ValueError(f"unknown config field(s) {unknown} for {cls.__name__}; valid: {sorted(names)}")
+        raise ConfigError(f"unknown config field(s) {unknown} for {cls.__name__}; valid: {sorted(names)}")
     return cls(**{k: _convert(k, v, hints[k]) for k, v in values.items()})
+
+
+def debug_requested(argv: list[str] | None) -> bool:
+    """``--debug`` on the command line or ``RLHF_DEBUG`` set to a true value: show tracebacks."""
+    import os
+
+    return "--debug" in (argv or []) or os.environ.get("RLHF_DEBUG", "").lower() in ("1", "true", "yes", "on")
 
 
 def to_dict(config) -> dict[str, Any]:

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from .config import UserError
+
 IGNORE_INDEX = -100
 FORMAT_COLUMNS = {
     "messages": ("messages",),
@@ -42,7 +44,7 @@ SFT_FORMATS = ("messages", "prompt_completion")
 PREFERENCE_FORMATS = ("preference", "preference_implicit")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad training data: the message names the file/record and the problem."""
 
 
@@ -53,30 +55,12 @@ class DataError(ValueError):
 def load_records(source: str, split: str = "train") -> list[dict]:
     """Records from a local ``.jsonl`` / ``.json`` / ``.parquet`` file or a ``datasets`` name."""
     if os.path.isfile(source):
-        ext = os.path.splitext(source)[1].lower()
-        if ext == ".jsonl":
-            records = []
-            with open(source) as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if line.strip():
-                        try:
-                            records.append(json.loads(line))
-                        except json.JSONDecodeError as e:
-                            raise DataError(f"{source}:{lineno}: not valid JSON ({e})") from e
-        elif ext == ".json":
-            with open(source) as fh:
-                data = json.load(fh)
-            records = data if isinstance(data, list) else data.get("data", data.get("train"))
-            if not isinstance(records, list):
-                raise DataError(f"{source}: expected a JSON list of records (or {{'data': [...]}})")
-        elif ext == ".parquet":
-            import pyarrow.parquet as pq
-
-            records = pq.read_table(source).to_pylist()
-        else:
-            raise DataError(f"{source}: unsupported file type {ext!r}; use .jsonl, .json or .parquet")
+        try:
+            records = _read_file(source)
+        except OSError as e:  # unreadable (permissions, I/O)
+            raise DataError(f"dataset file {source!r} cannot be read: {e.strerror or e}") from e
     elif os.path.sep in source and not os.path.exists(source) and (source.startswith((".", "/", "~"))):
-        raise FileNotFoundError(f"dataset file {source!r} does not exist")
+        raise DataFileNotFound(f"dataset file {source!r} does not exist")
     else:
         try:
             import datasets
@@ -85,12 +69,60 @@ def load_records(source: str, split: str = "train") -> list[dict]:
         try:
             records = datasets.load_dataset(source, split=split).to_list()
         except Exception as e:
-            raise DataError(f"could not load dataset {source!r} (split {split!r}): {e}") from e
+            raise DataError(f"could not load dataset {source!r} (split {split!r}): "
+                            f"{' '.join(str(e).split())[:300]}") from e
     if not records:
         raise DataError(f"dataset {source!r} is empty")
     if not all(isinstance(r, dict) for r in records):
         raise DataError(f"dataset {source!r}: every record must be a mapping of column -> value")
     return records
+
+
+class DataFileNotFound(DataError, FileNotFoundError):
+    """A dataset path that does not exist."""
+
+
+def _read_file(source: str) -> list:
+    """The records of a local .jsonl / .json / .parquet file (UTF-8 text)."""
+    ext = os.path.splitext(source)[1].lower()
+    if ext == ".jsonl":
+        records = []
+        with open(source, "rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{source}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start + 1} "
+                                    f"of the line)") from e
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{source}:{lineno}: not valid JSON ({e})") from e
+        return records
+    if ext == ".json":
+        try:
+            with open(source, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{source}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+        except json.JSONDecodeError as e:
+            raise DataError(f"{source}:{e.lineno}: not valid JSON ({e.msg})") from e
+        records = data if isinstance(data, list) else data.get("data", data.get("train")) \
+            if isinstance(data, dict) else None
+        if not isinstance(records, list):
+            raise DataError(f"{source}: expected a JSON list of records (or {{'data': [...]}})")
+        return records
+    if ext == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(source).to_pylist()
+        except Exception as e:  # pyarrow's ArrowInvalid: not a parquet file
+            if isinstance(e, OSError) and e.errno is not None:
+                raise
+            raise DataError(f"{source}: not a readable parquet file ({' '.join(str(e).split())[:200]})") from e
+    raise DataError(f"{source}: unsupported file type {ext!r}; use .jsonl, .json or .parquet")
 
 
 def detect_format(records: list[dict], allowed: Iterable[str] | None = None, name: str = "dataset") -> str:
@@ -116,6 +148,16 @@ def detect_format(records: list[dict], allowed: Iterable[str] | None = None, nam
         missing = [c for c in FORMAT_COLUMNS[fmt] if c not in r or r[c] is None]
         if missing:
             raise DataError(f"{name} record {i} is missing column(s) {missing} (format {fmt})")
+        for c in FORMAT_COLUMNS[fmt]:
+            v = r[c]
+            if c == "messages":
+                ok = _is_chat(v) and len(v) > 0
+            else:
+                ok = isinstance(v, str) or _is_chat(v)
+            if not ok:
+                want = "a list of {'role', 'content'} messages" if c == "messages" else \
+                    "a string or a list of {'role', 'content'} messages"
+                raise DataError(f"{name} record {i}: column {c!r} must be {want}, got {type(v).__name__} {v!r:.40}")
     return fmt
 
 

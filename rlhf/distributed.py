@@ -7,6 +7,8 @@ loss curve does not depend on the number of processes for a fixed global batch.
 
 from __future__ import annotations
 
+import datetime
+import gc
 import os
 from dataclasses import dataclass, field
 
@@ -30,16 +32,60 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device: torch.device) -> DistInfo:
-    """Join the process group when started by torchrun (``WORLD_SIZE`` > 1); pick this rank's device."""
+# Where this process is, for the message of a failed multi-process run ("rank 1 of 2 at step 7").
+_WHERE = {"step": None, "timeout": None}
+
+
+def set_step(step: int | None) -> None:
+    """Record the (1-based) optimizer step this process is running, for error messages."""
+    _WHERE["step"] = step
+
+
+class PeerError(RuntimeError):
+    """A multi-process run lost a peer (it died, or did not answer within the timeout)."""
+
+
+def describe_failure(exc: BaseException) -> str | None:
+    """A one-line message naming this rank and step when ``exc`` is a process-group failure of a
+    multi-process run (a peer died, never joined, or timed out); None for anything else."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    dist_errors = tuple(getattr(dist, n) for n in ("DistError",) if hasattr(dist, n))
+    text = " ".join(str(exc).split())
+    if not (isinstance(exc, (PeerError, *dist_errors)) or (
+            isinstance(exc, RuntimeError) and any(k in text for k in ("gloo", "Gloo", "NCCL", "Connection",
+                                                                      "connection", "Timed out", "timed out")))):
+        return None
+    rank = int(os.environ.get("RANK", "0"))
+    step = _WHERE["step"]
+    where = f"at step {step}" if step is not None else "before training started"
+    timeout = _WHERE["timeout"]
+    limit = f" within --ddp-timeout {timeout:g} s" if timeout else ""
+    return (f"rank {rank} of {world} {where}: another process failed or did not answer{limit} "
+            f"({type(exc).__name__}: {text[:300]})")
+
+
+def init_distributed(device: torch.device, timeout: float | None = None) -> DistInfo:
+    """Join the process group when started by torchrun (``WORLD_SIZE`` > 1); pick this rank's device.
+
+    ``timeout`` (seconds) bounds how long this process waits for the others, when joining and in
+    every collective, so a run whose peer died or never arrived fails instead of hanging."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank if world > 1 else (device.index or 0))
         torch.cuda.set_device(device)
+    _WHERE["timeout"] = timeout
+    set_step(None)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        kw = {"timeout": datetime.timedelta(seconds=timeout)} if timeout else {}
+        try:
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", **kw)
+        except Exception as e:  # the store or a peer never answered
+            raise PeerError(f"could not join the process group of {world} processes: "
+                            f"{' '.join(str(e).split())[:300]}") from e
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
@@ -97,5 +143,22 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
+    """Leave the process group.  Call it only after every DDP model, optimizer and pending
+    collective of the run is gone (see :func:`teardown`)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def teardown(exc: BaseException | None = None) -> None:
+    """End a run's use of the process group, in an order that cannot deadlock: the frames of the
+    run (which hold the DDP wrapper, its reducer and the optimizer) are dropped first, pending work
+    is collected, and only then is the group destroyed.  (Destroying the group while a DDP model
+    is still alive left its reducer to free the gloo process group later, from a thread holding the
+    GIL while gloo's worker thread waited for it: a run that finished and never exited.)"""
+    if exc is not None and exc.__traceback__ is not None:
+        import traceback
+
+        traceback.clear_frames(exc.__traceback__)  # the locals of the failed run, not the line numbers
+    gc.collect()
+    cleanup()
+    gc.collect()

@@ -20,7 +20,7 @@ import torch
 
 import rlhf_kernels as rk
 
-from .config import TrainConfig
+from .config import TrainConfig, require, require_choice
 from .data import collate_preference, tokenize_preference
 from .distributed import all_gather_cat, wrap_ddp
 from .models import load_policy, load_reference, sequence_logprobs, unwrap
@@ -68,6 +68,14 @@ class DPOConfig(TrainConfig):
     gold_eval_prompts: int = 256
     """Built-in task only: held-out prompts sampled (temperature 1) to report gold/mean_score."""
 
+    def __post_init__(self):
+        super().__post_init__()
+        # Checked here, before the (slow) reference pass, on settings rlhf_kernels.dpo_loss would reject.
+        require_choice("loss_type", self.loss_type, ("sigmoid", "ipo", "hinge", "robust"))
+        require(self.beta > 0, "beta", "> 0", self.beta)
+        require(0 <= self.label_smoothing < 0.5, "label_smoothing", "in [0, 0.5)", self.label_smoothing)
+        require(self.gold_eval_prompts >= 0, "gold_eval_prompts", ">= 0", self.gold_eval_prompts)
+
 
 def pair_logprobs(model, examples: list[dict], pad_id: int, cfg, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(log pi(chosen) [B], log pi(rejected) [B]) summed over response tokens, one forward pass."""
@@ -104,11 +112,6 @@ def dpo_terms(model, examples, pad_id, cfg, device):
 
 
 def train_dpo(cfg: DPOConfig) -> dict:
-    # Fail before the (slow) reference pass on settings rlhf_kernels.dpo_loss would reject.
-    if cfg.loss_type not in rk.reference.LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of sigmoid, ipo, hinge, robust; got {cfg.loss_type!r}")
-    if cfg.beta <= 0:
-        raise ValueError(f"beta must be > 0, got {cfg.beta}")
     run = RunContext(cfg)
     tok, info = run.tokenizer, run.info
     train_records, eval_records = load_records_for(cfg, "preference")

@@ -15,15 +15,33 @@ import torch
 
 import rlhf_kernels as rk
 
+from .config import UserError
 from .data import IGNORE_INDEX, position_ids_from_mask
 
 BUILTIN = "builtin"
 
 
+class ModelPathError(UserError, FileNotFoundError):
+    """A model or tokenizer path that does not exist or cannot be loaded."""
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"--device {device!r} is not a device (use auto, cpu, cuda or cuda:N)") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: CUDA is not available on this machine (this torch "
+                            f"{'has no CUDA support' if torch.version.cuda is None else 'sees no GPU'}); "
+                            f"use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UserError(f"--device {device}: MPS is not available on this machine")
+    return dev
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -43,7 +61,7 @@ def check_model_path(path: str, what: str = "model") -> None:
     # "org/name" may be a Hub id; "outputs/sft" where ./outputs exists is meant as a local folder.
     looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or os.path.isdir(path.split("/")[0])
     if looks_local and not os.path.exists(os.path.expanduser(path)):
-        raise FileNotFoundError(f"{what} path {path!r} does not exist")
+        raise ModelPathError(f"{what} path {path!r} does not exist")
 
 
 def _from_pretrained(loader, path: str, what: str, **kw):
@@ -51,16 +69,24 @@ def _from_pretrained(loader, path: str, what: str, **kw):
     try:
         return loader.from_pretrained(os.path.expanduser(path), **kw)
     except Exception as e:
+        first = " ".join(str(e).split())[:300]
         if os.path.exists(os.path.expanduser(path)):
+            if isinstance(e, (OSError, ValueError, KeyError)):  # not a model folder, unknown architecture, ...
+                raise ModelPathError(f"{what} {path!r} could not be loaded: {first}") from e
             raise
         # "org/name" that is neither a local folder nor reachable on the Hub
-        raise FileNotFoundError(f"{what} path {path!r} does not exist locally and could not be loaded "
-                                f"from the Hugging Face Hub ({type(e).__name__}: {e})") from e
+        raise ModelPathError(f"{what} path {path!r} does not exist locally and could not be loaded "
+                             f"from the Hugging Face Hub ({type(e).__name__}: {first})") from e
 
 
-def load_tokenizer(path: str):
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model", "merges.txt", "tokenizer.py")
+
+
+def load_tokenizer(path: str, what: str = "tokenizer"):
     """Tokenizer for ``path`` (or the built-in one), with a pad token guaranteed.
 
+    ``what`` names ``path`` in errors (``model`` when the tokenizer is read from the model folder).
     A tokenizer without a pad token gets its EOS (or UNK) as pad: padding is always masked by the
     attention mask and labels, so the id only has to be valid.
     """
@@ -71,7 +97,12 @@ def load_tokenizer(path: str):
     else:
         from transformers import AutoTokenizer
 
-        tok = _from_pretrained(AutoTokenizer, path, "tokenizer")
+        local = os.path.expanduser(path)
+        if os.path.isdir(local) and not any(os.path.exists(os.path.join(local, f)) for f in TOKENIZER_FILES):
+            hint = "; pass --tokenizer" if what != "tokenizer" else ""
+            raise ModelPathError(f"{what} folder {path!r} has no tokenizer files (tokenizer.json, "
+                                 f"tokenizer_config.json, ...){hint}")
+        tok = _from_pretrained(AutoTokenizer, path, what)
     if tok.pad_token_id is None:
         if tok.eos_token is not None:
             tok.pad_token = tok.eos_token

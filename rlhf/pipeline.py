@@ -21,10 +21,10 @@ plots of the training curves (``OUTPUT_DIR/plots/``, when matplotlib is installe
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
+from dataclasses import dataclass
 
 BUILTIN = "builtin"
 
@@ -41,46 +41,73 @@ BUILTIN_PPO = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rlhf pipeline", description=__doc__.split("\n\n")[0])
-    p.add_argument("--output-dir", default="outputs/pipeline", help="where every stage and report.json go")
-    p.add_argument(
-        "--model", default=BUILTIN, help="base model: a folder or Hub name, or builtin (tiny Llama)"
-    )
-    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the model's)")
-    p.add_argument("--sft-data", default=BUILTIN, help="SFT data (messages or prompt/completion)")
-    p.add_argument("--pref-data", default=BUILTIN, help="preference pairs for the reward model and DPO")
-    p.add_argument("--prompt-data", default=BUILTIN, help="prompts for PPO")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sft-steps", type=int, default=0, help="0: the stage's default epochs")
-    p.add_argument("--reward-steps", type=int, default=0, help="0: the stage's default epochs")
-    p.add_argument("--ppo-steps", type=int, default=60, help="PPO steps (each samples a rollout batch)")
-    p.add_argument("--dpo-steps", type=int, default=0, help="0: the stage's default epochs")
-    p.add_argument(
-        "--ppo-eval-steps", type=int, default=10, help="evaluate gold/proxy/KL during PPO every N steps"
-    )
-    p.add_argument(
-        "--kl-off-run",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="also run PPO with the KL penalty off, to show over-optimisation (--no-kl-off-run skips it)",
-    )
-    p.add_argument(
-        "--eval-prompts", type=int, default=256, help="held-out prompts sampled per model for the report"
-    )
-    p.add_argument("--max-new-tokens", type=int, default=None, help="response budget (built-in task: 8)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--kernel-backend", default="auto")
-    p.add_argument("--max-length", type=int, default=None, help="max prompt + response tokens (built-in: 32)")
-    for name in ("sft", "reward", "ppo", "dpo"):
-        p.add_argument(
-            f"--{name}-config",
-            default=None,
-            metavar="YAML",
-            help=f"YAML of `rlhf {name}` options for that stage (e.g. lr, batch sizes); "
-            "the pipeline sets the model, data and output folders",
-        )
-    return p
+@dataclass
+class PipelineConfig:
+    """``rlhf pipeline`` settings (each stage's own options come from its ``--<stage>-config`` YAML)."""
+
+    output_dir: str = "outputs/pipeline"
+    """Where every stage's folder, report.json and the plots go."""
+    overwrite_output_dir: bool = False
+    """Run again in an ``output_dir`` that holds a previous pipeline run (its stages are overwritten)."""
+    model: str = BUILTIN
+    """Base model: a folder or Hub name, or ``builtin`` (the built-in task's tiny Llama)."""
+    tokenizer: str | None = None
+    """Tokenizer (default: the model's)."""
+    sft_data: str = BUILTIN
+    """SFT data (messages or prompt/completion)."""
+    pref_data: str = BUILTIN
+    """Preference pairs for the reward model and DPO."""
+    prompt_data: str = BUILTIN
+    """Prompts for PPO."""
+    seed: int = 0
+    """Seed of every stage and of the report's sampling."""
+    sft_steps: int = 0
+    """SFT optimizer steps (0: the stage's default epochs)."""
+    reward_steps: int = 0
+    """Reward-model optimizer steps (0: the stage's default epochs)."""
+    ppo_steps: int = 60
+    """PPO steps, each sampling a rollout batch (0: the stage's default epochs)."""
+    dpo_steps: int = 0
+    """DPO optimizer steps (0: the stage's default epochs)."""
+    ppo_eval_steps: int = 10
+    """Evaluate gold/proxy/KL during PPO every this many steps (0: only at the end)."""
+    kl_off_run: bool = True
+    """Also run PPO with the KL penalty off, to show over-optimisation (``--no-kl-off-run`` skips it)."""
+    eval_prompts: int = 256
+    """Held-out prompts sampled per model for the report."""
+    max_new_tokens: int | None = None
+    """Response budget (built-in task: 8)."""
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu`` or ``cuda``."""
+    kernel_backend: str = "auto"
+    """rlhf_kernels backend for log-probs and losses."""
+    max_length: int | None = None
+    """Maximum prompt + response tokens (built-in task: 32)."""
+    sft_config: str | None = None
+    """YAML of ``rlhf sft`` options for that stage (e.g. lr, batch sizes); the pipeline sets the model,
+    data and output folders."""
+    reward_config: str | None = None
+    """YAML of ``rlhf reward`` options for that stage; the pipeline sets the model, data and output folders."""
+    ppo_config: str | None = None
+    """YAML of ``rlhf ppo`` options for that stage; the pipeline sets the model, data and output folders."""
+    dpo_config: str | None = None
+    """YAML of ``rlhf dpo`` options for that stage; the pipeline sets the model, data and output folders."""
+
+    def __post_init__(self):
+        from .config import KERNEL_BACKENDS, check_types, require, require_choice
+
+        check_types(self)
+        require(self.output_dir.strip() != "", "output_dir", "a folder path", self.output_dir)
+        for name in ("sft_steps", "reward_steps", "ppo_steps", "dpo_steps", "ppo_eval_steps"):
+            require(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
+        require(self.eval_prompts >= 1, "eval_prompts", ">= 1", self.eval_prompts)
+        if self.max_new_tokens is not None:
+            require(self.max_new_tokens >= 1, "max_new_tokens", ">= 1", self.max_new_tokens)
+        if self.max_length is not None:
+            require(self.max_length >= 2, "max_length", ">= 2", self.max_length)
+        require(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"), "device",
+                "auto, cpu, cuda, cuda:N or mps", self.device)
+        require_choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
 
 
 def _short(metrics: dict, keys=None) -> dict:
@@ -132,13 +159,17 @@ def _stage_table(name: str, out_dir: str, seconds: float) -> dict:
 
 def _config(cls, yaml_path: str | None, defaults: dict, fixed: dict):
     """``cls`` from the pipeline's defaults, overridden by the stage's YAML, with ``fixed`` (paths) last."""
-    from .config import load_yaml, make_config
+    from .config import ConfigError, load_yaml, make_config
 
     values = {**defaults, **(load_yaml(yaml_path, cls) if yaml_path else {}), **fixed}
-    return make_config(cls, values)
+    try:
+        return make_config(cls, values)
+    except ConfigError as e:
+        where = f"--config {yaml_path}" if yaml_path else "the pipeline's settings"
+        raise ConfigError(f"{cls.__name__} from {where}: {e}") from e
 
 
-def run_pipeline(args) -> dict:
+def run_pipeline(args: PipelineConfig) -> dict:
     import torch
     import transformers
 
@@ -148,11 +179,19 @@ def run_pipeline(args) -> dict:
     from .ppo import PPOConfig, train_ppo
     from .reward import RewardConfig, train_reward
     from .sft import SFTConfig, train_sft
+    from .config import to_dict
     from .tasks import gold_score, make_prompts
 
     transformers.utils.logging.set_verbosity_error()  # load reports and progress bars drown the tables
     transformers.utils.logging.disable_progress_bar()
+    from .checkpoint import holds_run
+    from .config import UserError
+
     out = args.output_dir
+    paths = {s: os.path.join(out, s) for s in ("sft", "reward", "ppo", "ppo_no_kl", "dpo")}
+    if not args.overwrite_output_dir and any(holds_run(p) for p in [out, *paths.values()]):
+        raise UserError(f"--output-dir {out!r} holds a previous pipeline run; pass --overwrite-output-dir to "
+                        f"run again over it, or choose another folder")
     os.makedirs(out, exist_ok=True)
     builtin_task = args.prompt_data == BUILTIN
     common = {
@@ -160,12 +199,12 @@ def run_pipeline(args) -> dict:
         "device": args.device,
         "kernel_backend": args.kernel_backend,
         "progress_bar": False,
+        "overwrite_output_dir": args.overwrite_output_dir,
     }
     if args.tokenizer:
         common["tokenizer"] = args.tokenizer
     length = {"max_length": args.max_length} if args.max_length else {}
-    paths = {s: os.path.join(out, s) for s in ("sft", "reward", "ppo", "ppo_no_kl", "dpo")}
-    summary: dict = {"stages": {}, "args": vars(args)}
+    summary: dict = {"stages": {}, "args": to_dict(args)}
     t_all = time.time()
 
     def stage(name, fn, cfg):
@@ -368,6 +407,12 @@ def make_plots(out: str, paths: dict, runs: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """The whole RLHF pipeline (SFT, reward model, PPO, DPO) on the built-in task, with a report."""
-    args = build_parser().parse_args(argv)
-    run_pipeline(args)
-    return 0
+    from .config import parse_config
+    from .trainer_utils import command_body
+
+    def body() -> int:
+        cfg = parse_config(PipelineConfig, argv, prog="rlhf pipeline", description=__doc__.split("\n\n")[0])
+        run_pipeline(cfg)
+        return 0
+
+    return command_body("pipeline", argv, body)

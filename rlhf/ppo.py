@@ -20,8 +20,9 @@ import torch
 
 from .actor_critic import ActorCritic
 from .checkpoint import load_training_state, save_checkpoint, save_final
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .data import tokenize_prompts
+from .distributed import set_step
 from .evaluate import evaluate_policy
 from .generation import generate_responses, left_pad
 from .kl_control import AdaptiveKLController, FixedKLController
@@ -29,7 +30,14 @@ from .logging import Progress
 from .models import load_policy, load_reference, load_reward_model, policy_logprobs
 from .ppo_trainer import PPOTrainer
 from .tasks import gold_score, make_prompts
-from .trainer_utils import RunContext, global_batch_indices, load_records_for, rank_slice, run_command
+from .trainer_utils import (
+    DataSizeError,
+    RunContext,
+    global_batch_indices,
+    load_records_for,
+    rank_slice,
+    run_command,
+)
 
 __all__ = [  # the PPO pieces are importable from here as before the split
     "ActorCritic", "AdaptiveKLController", "FixedKLController", "PPOConfig", "PPOHyperParams", "PPOTrainer",
@@ -115,6 +123,41 @@ class PPOHyperParams:
     kernel_backend: str = "auto"
     """rlhf_kernels backend for every kernel call."""
 
+    def __post_init__(self):
+        from rlhf_kernels.reference import AGG_MODES, KL_ESTIMATORS
+
+        from .config import KERNEL_BACKENDS, check_types, require, require_choice
+
+        check_types(self)
+        require(self.max_new_tokens >= 1, "max_new_tokens", ">= 1", self.max_new_tokens)
+        require(self.temperature > 0, "temperature", "> 0", self.temperature)
+        require(0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
+        require(self.kl_coef >= 0, "kl_coef", ">= 0", self.kl_coef)
+        require_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        require(self.target_kl > 0, "target_kl", "> 0", self.target_kl)
+        require(self.kl_horizon >= 1, "kl_horizon", ">= 1", self.kl_horizon)
+        for name in ("reward_clip", "value_clip", "clip_high"):
+            if getattr(self, name) is not None:
+                require(getattr(self, name) > 0, name, "> 0 (or none)", getattr(self, name))
+        require(0 <= self.gamma <= 1, "gamma", "in [0, 1]", self.gamma)
+        require(0 <= self.lam <= 1, "lam", "in [0, 1]", self.lam)
+        require(0 < self.clip_low < 1, "clip_low", "in (0, 1)", self.clip_low)
+        if self.dual_clip is not None:
+            require(self.dual_clip > 1, "dual_clip", "> 1 (or none)", self.dual_clip)
+        require_choice("loss_agg", self.loss_agg, AGG_MODES)
+        require(self.vf_coef >= 0, "vf_coef", ">= 0", self.vf_coef)
+        for name in ("rollout_batch_size", "mini_batch_size", "ppo_epochs"):
+            require(getattr(self, name) >= 1, name, ">= 1", getattr(self, name))
+        require(self.rollout_batch_size % self.mini_batch_size == 0, "rollout_batch_size",
+                f"a multiple of --mini-batch-size ({self.mini_batch_size})", self.rollout_batch_size)
+        require(self.lr >= 0, "lr", ">= 0", self.lr)
+        require(self.value_lr >= 0, "value_lr", ">= 0", self.value_lr)
+        require(self.max_grad_norm >= 0, "max_grad_norm", ">= 0 (0 turns clipping off)", self.max_grad_norm)
+        require_choice("value_model", self.value_model, ("reward", "policy_head"))
+        require_choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
+        if hasattr(super(), "__post_init__"):  # PPOConfig: TrainConfig's checks too
+            super().__post_init__()
+
 
 
 @dataclass
@@ -139,6 +182,12 @@ class PPOConfig(PPOHyperParams, RunConfig):
     eval_prompts: int = 128
     """Held-out prompts sampled for the evaluation (the built-in task's gold score; proxy and KL always)."""
 
+    def __post_init__(self):
+        super().__post_init__()
+        from .config import require
+
+        require(self.eval_prompts >= 0, "eval_prompts", ">= 0", self.eval_prompts)
+
 
 def _load_critic_from(path, reward_model_path, tok, cfg, device):
     """The value model: from a checkpoint's ``value_model/`` when resuming, else the reward model."""
@@ -150,7 +199,7 @@ def _load_critic_from(path, reward_model_path, tok, cfg, device):
 def train_ppo(cfg: PPOConfig) -> dict:
     """Run ``rlhf ppo``; returns the last logged metrics (with the final evaluation)."""
     if not cfg.reward_model:
-        raise ValueError("rlhf ppo needs --reward-model <folder written by `rlhf reward`>")
+        raise ConfigError("rlhf ppo needs --reward-model <folder written by `rlhf reward`>")
     run = RunContext(cfg)
     tok, info, device = run.tokenizer, run.info, run.device
     if not run.checkpoint:  # each process samples its own responses
@@ -173,7 +222,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
         else max(1, int(cfg.num_epochs * len(prompts)) // cfg.rollout_batch_size)
     )
     if len(prompts) < cfg.rollout_batch_size:
-        raise ValueError(
+        raise DataSizeError(
             f"{len(prompts)} prompts are fewer than one rollout batch of {cfg.rollout_batch_size}"
         )
 
@@ -237,6 +286,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
     progress = Progress(steps, initial=start, desc="ppo", enabled=info.is_main and cfg.progress_bar)
     last: dict = {}
     for step in range(start, steps):
+        set_step(step + 1)
         batch = rank_slice(
             [prompts[i] for i in global_batch_indices(step, len(prompts), cfg.rollout_batch_size, cfg.seed)],
             info,

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import TrainConfig
-from .data import collate_preference, tokenize_preference
+from .config import TrainConfig, require
+from .data import DataError, collate_preference, tokenize_preference
 from .distributed import wrap_ddp
 from .models import ScalarHead, load_reward_model, sequence_rewards
 from .trainer_utils import (
@@ -57,12 +57,18 @@ class RewardConfig(TrainConfig):
     margin_column: str = "margin"
     """Column with a per-pair margin subtracted inside the sigmoid, when the data has it."""
 
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.margin_column.strip() != "", "margin_column", "a column name", self.margin_column)
+
 
 def attach_columns(tokenized: list[dict], records: list[dict], columns: tuple[str, ...]) -> list[dict]:
     """Copy numeric ``columns`` (margin, gold scores) from the records onto the tokenized examples."""
     for ex, rec in zip(tokenized, records):
         for c in columns:
             if c in rec and rec[c] is not None:
+                if isinstance(rec[c], bool) or not isinstance(rec[c], (int, float)):
+                    raise DataError(f"record {rec!r:.80}: column {c!r} must be a number, got {rec[c]!r:.40}")
                 ex[c] = float(rec[c])
     return tokenized
 

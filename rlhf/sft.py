@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import TrainConfig
+from .config import TrainConfig, require
 from .data import IGNORE_INDEX, collate_sft, tokenize_sft
 from .distributed import wrap_ddp
 from .models import load_policy, token_logprobs, unwrap
@@ -53,6 +53,10 @@ class SFTConfig(TrainConfig):
     """Fraction of the data held out to report eval/loss."""
     gold_eval_prompts: int = 256
     """Built-in task only: held-out prompts sampled (temperature 1) to report gold/mean_score."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.gold_eval_prompts >= 0, "gold_eval_prompts", ">= 0", self.gold_eval_prompts)
 
 
 def _completion_nll(model, examples: list[dict], pad_id: int, cfg, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import sys
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -19,7 +20,8 @@ import numpy as np
 import torch
 
 from .checkpoint import load_training_state, save_checkpoint, save_final
-from .distributed import DistInfo, all_reduce_sum
+from .config import UserError
+from .distributed import DistInfo, all_reduce_sum, set_step
 from .logging import MetricsLogger, Progress
 
 
@@ -65,10 +67,14 @@ def global_batch_size(cfg, info: DistInfo) -> int:
     return cfg.per_device_batch_size * cfg.gradient_accumulation_steps * info.world_size
 
 
+class DataSizeError(UserError, ValueError):
+    """The data is too small for the batch the options ask for."""
+
+
 def total_steps(cfg, n_examples: int, global_batch: int) -> int:
     steps_per_epoch = n_examples // global_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"the dataset has {n_examples} examples, fewer than one global batch of {global_batch} "
+        raise DataSizeError(f"the dataset has {n_examples} examples, fewer than one global batch of {global_batch} "
                          f"(per_device_batch_size x gradient_accumulation_steps x processes)")
     return cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
 
@@ -132,6 +138,7 @@ def train_loop(
     progress = Progress(steps, initial=start_step, desc=desc, enabled=info.is_main and cfg.progress_bar)
     last: dict = {}
     for step in range(start_step, steps):
+        set_step(step + 1)
         batch = [examples[i] for i in global_batch_indices(step, len(examples), gbs, cfg.seed)]
         norm = float(normalizer(batch))
         micro = chunks(rank_slice(batch, info), cfg.per_device_batch_size)
@@ -208,33 +215,54 @@ def load_records_for(cfg, kind: str) -> tuple[list[dict], list[dict]]:
     detect_format(records, allowed, f"dataset {cfg.dataset!r}")  # checks every record before any split
     if cfg.eval_dataset:
         return records, load_records(cfg.eval_dataset, cfg.dataset_split)
-    return split_holdout(records, cfg.eval_fraction, seed=1234)
+    train, held_out = split_holdout(records, cfg.eval_fraction, seed=1234)
+    if not train:
+        from .data import DataError
+
+        raise DataError(f"dataset {cfg.dataset!r} has {len(records)} record(s) and --eval-fraction "
+                        f"{cfg.eval_fraction:g} holds out {len(held_out)} for evaluation, leaving none to train on; "
+                        f"add data, lower --eval-fraction or pass --eval-dataset")
+    return train, held_out
 
 
 class RunContext:
-    """What every trainer sets up first: processes, device, seed, tokenizer, resume point, logger."""
+    """What every trainer sets up first: processes, device, seed, the output folder (refusing one that
+    holds another run), the resume point, tokenizer and logger."""
 
     def __init__(self, cfg):
-        import os
-
         import yaml
 
-        from .checkpoint import latest_checkpoint
+        from .checkpoint import holds_run, resume_checkpoint, start_run
         from .config import to_dict
-        from .distributed import init_distributed
-        from .models import load_tokenizer, resolve_device
+        from .distributed import barrier, init_distributed
+        from .models import check_model_path, load_tokenizer, resolve_device
 
         self.cfg = cfg
-        self.info = init_distributed(resolve_device(cfg.device))
+        self.info = init_distributed(resolve_device(cfg.device), timeout=getattr(cfg, "ddp_timeout", None))
         self.device = self.info.device
         seed_everything(cfg.seed)
-        self.checkpoint = latest_checkpoint(cfg.output_dir) if cfg.resume else None
+        if os.path.exists(cfg.output_dir) and not os.path.isdir(cfg.output_dir):
+            raise UserError(f"--output-dir {cfg.output_dir!r} is a file, not a folder")
+        if not cfg.resume and not getattr(cfg, "overwrite_output_dir", False) and holds_run(cfg.output_dir):
+            raise UserError(f"--output-dir {cfg.output_dir!r} holds a previous run; pass --resume to continue it, "
+                            f"--overwrite-output-dir to start a new run over it, or choose another folder")
+        self.checkpoint = resume_checkpoint(cfg.output_dir, announce=self.info.is_main) if cfg.resume else None
         self.start_step = int(os.path.basename(self.checkpoint).split("-")[-1]) if self.checkpoint else 0
         if cfg.resume and self.checkpoint is None and self.info.is_main:
             print(f"--resume: no checkpoint in {cfg.output_dir}; starting from step 0")
         # Resuming: the weights (and tokenizer) come from the checkpoint folder.
         self.model_path = self.checkpoint or cfg.model
-        self.tokenizer = load_tokenizer(self.checkpoint or cfg.tokenizer or cfg.model)
+        if self.checkpoint:
+            self.tokenizer = load_tokenizer(self.checkpoint, what="checkpoint")
+        elif cfg.tokenizer:
+            check_model_path(cfg.model, "model")
+            self.tokenizer = load_tokenizer(cfg.tokenizer, what="tokenizer")
+        else:
+            self.tokenizer = load_tokenizer(cfg.model, what="model")
+        barrier()  # every rank has checked the folder before the main one writes into it
+        if self.info.is_main:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            self.run_id = start_run(cfg.output_dir, resume=cfg.resume)
         self.logger = MetricsLogger(cfg.output_dir, enabled=self.info.is_main,
                                     resume_step=self.start_step if self.checkpoint else None)
         if self.info.is_main:
@@ -242,10 +270,45 @@ class RunContext:
                 yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
 
     def close(self) -> None:
-        from .distributed import cleanup
-
+        """Close the logger.  The process group is left by :func:`run_command` once the run's
+        models and optimizer are gone (see ``distributed.teardown``)."""
         self.logger.close()
-        cleanup()
+
+
+def command_body(name: str, argv: list[str] | None, body: Callable[[], int]) -> int:
+    """Run ``body()`` as ``rlhf <name>``: a :class:`~rlhf.config.UserError` prints one line
+    ``rlhf <name>: error: ...`` on stderr and returns 2 (the traceback too with ``--debug`` or
+    ``RLHF_DEBUG=1``); a multi-process failure (a peer died or timed out) prints one line naming
+    this rank and step and returns 1; anything else (a bug) propagates with its traceback.  In
+    every case the process group is left in an order that cannot hang."""
+    import traceback
+
+    from .config import debug_requested
+    from .distributed import describe_failure, teardown
+
+    debug = debug_requested(argv)
+    try:
+        code = body()
+    except UserError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"rlhf {name}: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        teardown(e)
+        return 2
+    except BaseException as e:
+        message = describe_failure(e)
+        if message is None:
+            teardown(e)
+            raise
+        if debug:
+            traceback.print_exc()
+        print(f"rlhf {name}: error: {message}", file=sys.stderr, flush=True)
+        # A peer is gone: the group cannot be left cleanly (its barrier would wait for the dead).
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(1)
+    teardown()
+    return code
 
 
 def run_command(cfg_cls: type, train_fn, argv: list[str] | None, name: str, description: str) -> int:
@@ -253,9 +316,12 @@ def run_command(cfg_cls: type, train_fn, argv: list[str] | None, name: str, desc
     the last logged metrics once (on rank 0 under torchrun)."""
     from .config import parse_config
 
-    cfg = parse_config(cfg_cls, argv, prog=f"rlhf {name}", description=description)
-    last = train_fn(cfg)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"{name} done:", {k: round(v, 4) if isinstance(v, float) else v for k, v in last.items()})
-    return 0
+    def body() -> int:
+        cfg = parse_config(cfg_cls, argv, prog=f"rlhf {name}", description=description)
+        last = train_fn(cfg)  # the run's models and optimizer are freed when it returns
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{name} done:", {k: round(v, 4) if isinstance(v, float) else v for k, v in last.items()})
+        return 0
+
+    return command_body(name, argv, body)
 

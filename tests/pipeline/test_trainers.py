@@ -2,6 +2,8 @@
 folder, on local JSONL data in each format: loss goes down, checkpoints load back, ``--resume`` after
 an interruption continues from the saved step with the same results, bad input is named."""
 
+import re
+
 import pytest
 import torch
 
@@ -142,24 +144,29 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path, tiny_models, 
     assert (tmp_path / "killed" / "checkpoint-6" / "trainer_state.pt").exists()
 
 
-def test_bad_input_errors(tmp_path, tiny_models):
+def test_bad_input_errors(tmp_path, tiny_models, capsys):
+    """Through the command: one line ``rlhf <command>: error: ...`` on stderr and exit status 2."""
     from rlhf.cli import main
 
+    def fails(argv, pattern):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"rlhf {argv[0]}: error: "), err
+        assert re.search(pattern, err[0]), (pattern, err[0])
+
     pc = write_jsonl(tmp_path / "sft.jsonl", sft_records("prompt_completion", 16))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        main(["sft", "--model", str(tmp_path / "missing_model"), "--dataset", pc,
-              "--output-dir", str(tmp_path / "o")])
-    with pytest.raises(ValueError, match="prompt is 5 tokens.*max_length=4"):
-        main(["sft", "--model", tiny_models["llama"], "--dataset", pc, "--max-length", "4",
-              "--output-dir", str(tmp_path / "o")])
+    fails(["sft", "--model", str(tmp_path / "missing_model"), "--dataset", pc,
+           "--output-dir", str(tmp_path / "o1")], "model path .* does not exist")
+    fails(["sft", "--model", tiny_models["llama"], "--dataset", pc, "--max-length", "4",
+           "--output-dir", str(tmp_path / "o2")], "prompt is 5 tokens.*max_length=4")
     same = write_jsonl(tmp_path / "same.jsonl", [{"prompt": "ab=", "chosen": "bc", "rejected": "bc"}] * 8)
-    with pytest.raises(ValueError, match="chosen equals rejected in every record"):
-        main(["dpo", "--model", tiny_models["llama"], "--dataset", same, "--output-dir", str(tmp_path / "o")])
-    with pytest.raises(ValueError, match="missing column"):
-        bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a=", "chosen": "b", "rejected": "c"},
-                                                   {"prompt": "ab=", "chosen": "bc"}])
-        main(["reward", "--model", tiny_models["llama"], "--dataset", bad, "--output-dir", str(tmp_path / "o")])
+    fails(["dpo", "--model", tiny_models["llama"], "--dataset", same, "--output-dir", str(tmp_path / "o3")],
+          "chosen equals rejected in every record")
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a=", "chosen": "b", "rejected": "c"},
+                                               {"prompt": "ab=", "chosen": "bc"}])
+    fails(["reward", "--model", tiny_models["llama"], "--dataset", bad, "--output-dir", str(tmp_path / "o4")],
+          "missing column")
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    with pytest.raises(ValueError, match="is empty"):
-        main(["sft", "--model", tiny_models["llama"], "--dataset", str(empty), "--output-dir", str(tmp_path / "o")])
+    fails(["sft", "--model", tiny_models["llama"], "--dataset", str(empty), "--output-dir", str(tmp_path / "o5")],
+          "is empty")

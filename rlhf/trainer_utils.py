@@ -238,12 +238,12 @@ class RunContext:
         from .models import check_model_path, load_tokenizer, resolve_device
 
         self.cfg = cfg
-        self.info = init_distributed(resolve_device(cfg.device), timeout=getattr(cfg, "ddp_timeout", None))
+        self.info = init_distributed(resolve_device(cfg.device), timeout=cfg.ddp_timeout)
         self.device = self.info.device
         seed_everything(cfg.seed)
         if os.path.exists(cfg.output_dir) and not os.path.isdir(cfg.output_dir):
             raise UserError(f"--output-dir {cfg.output_dir!r} is a file, not a folder")
-        if not cfg.resume and not getattr(cfg, "overwrite_output_dir", False) and holds_run(cfg.output_dir):
+        if not cfg.resume and not cfg.overwrite_output_dir and holds_run(cfg.output_dir):
             raise UserError(f"--output-dir {cfg.output_dir!r} holds a previous run; pass --resume to continue it, "
                             f"--overwrite-output-dir to start a new run over it, or choose another folder")
         self.checkpoint = resume_checkpoint(cfg.output_dir, announce=self.info.is_main) if cfg.resume else None

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf.config import build_parser, parse_config
+from rlhf.config import ConfigError, build_parser, parse_config
 from rlhf.ppo import PPOConfig, PPOHyperParams, PPOTrainer
 from rlhf.trainer_utils import lr_lambda
 
@@ -28,7 +28,7 @@ def test_batching_options_of_the_dataset_trainers_are_not_listed():
     listed = _help_options()
     assert not set(NOT_PPO) & listed
     assert {"weight_decay", "adam_beta1", "adam_beta2", "warmup_steps", "lr_scheduler"} <= listed
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError, match="unrecognized arguments: --per-device-batch-size"):
         parse_config(PPOConfig, ["--per-device-batch-size", "4"])
 
 
@@ -48,7 +48,8 @@ def test_every_listed_option_is_read_by_the_ppo_run():
         for node in ast.walk(ast.parse(Path(path).read_text())):
             if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
                 read.add(node.attr)
-    unread = sorted(_help_options() - read)
+    # --debug is read by the command body (it only decides whether a user error shows its traceback)
+    unread = sorted(_help_options() - read - {"debug"})
     assert not unread, f"`rlhf ppo` lists options nothing reads: {unread}"
 
 

@@ -17,12 +17,11 @@ from .reference import masked as _masked
 
 _INT_LABEL_DTYPES = (torch.int64, torch.int32)
 
-# On CPU tensors "auto" prefers the reference for dpo_loss only.  Measured
-# (benchmarks/results/REPORT.md, 1-thread CPU run 20261202T054313Z): the vectorized C++ kl_penalty
-# is ahead of eager and of the reference forward + backward at both benchmarked shapes (0.20 vs
-# 0.45 ms, 1.6 vs 19 ms), as are token_logprobs, gae and the PPO losses; dpo_loss keeps the
-# reference first until a run shows the C++ op ahead of it.
-_REFERENCE_FIRST = ("reference", "cpu")
+# On CPU tensors "auto" tries the cpu backend first for every op (the registry's default order).
+# Measured (benchmarks/results/REPORT.md, 1-thread CPU run 20261202T054313Z): the vectorized C++
+# kl_penalty and dpo_loss are ahead of the reference forward + backward at every benchmarked shape
+# (kl 0.20 vs 0.45 ms and 1.6 vs 19 ms; dpo 0.19 vs 0.71 ms and 0.61 vs 1.10 ms), as are
+# token_logprobs, gae and the PPO losses.
 
 
 @public_op(family="logprobs")
@@ -282,7 +281,7 @@ def ppo_value_loss(
     return fn(values, old_values, returns, mask, clip, agg)
 
 
-@public_op(family="dpo", cpu_auto_order=_REFERENCE_FIRST)
+@public_op(family="dpo")
 def dpo_loss(
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,

@@ -60,11 +60,14 @@ def runs(rows: list[dict]) -> dict[str, list[dict]]:
     return by
 
 
-def latest_run(rows: list[dict], device: str, allow_quick: bool = False) -> list[dict]:
-    """Rows of the newest run on ``device`` ("cpu" or "cuda"); full runs preferred over --quick."""
+def latest_run(rows: list[dict], device: str, allow_quick: bool = False, threads=None) -> list[dict]:
+    """Rows of the newest run on ``device`` ("cpu" or "cuda"); full runs preferred over --quick.
+    ``threads``: only runs made with that many CPU threads (the ``threads`` field of the rows)."""
     candidates = []
     for rid, rs in runs(rows).items():
         if rs[0]["device"] != device:
+            continue
+        if threads is not None and rs[0].get("threads") != threads:
             continue
         quick = any(r.get("quick") for r in rs)
         if quick and not allow_quick:
@@ -74,6 +77,14 @@ def latest_run(rows: list[dict], device: str, allow_quick: bool = False) -> list
         return []
     candidates.sort(key=lambda c: (c[0], c[1]))
     return candidates[-1][2]
+
+
+def latest_cpu_runs(rows: list[dict], allow_quick: bool = False) -> list[list[dict]]:
+    """The newest CPU run for each thread count recorded (fewest threads first): the CPU backend is
+    benchmarked at 1 thread and at all threads."""
+    counts = sorted({r.get("threads") for r in rows if r.get("device") == "cpu"}, key=lambda t: (t is None, t or 0))
+    out = [latest_run(rows, "cpu", allow_quick, threads=t) for t in counts]
+    return [rs for rs in out if rs]
 
 
 class Run:
@@ -199,7 +210,10 @@ def skipped_lines(run: Run) -> list[str]:
 
 
 def markdown(run: Run, plots: dict[str, str] | None = None) -> str:
-    lines = [f"## {run.env.get('device_name')}", ""] + env_lines(run) + [""]
+    title = run.env.get("device_name")
+    if run.env.get("device") == "cpu":
+        title = f"{title}, {run.env.get('threads')} thread(s)"
+    lines = [f"## {title}", ""] + env_lines(run) + [""]
     for op in run.ops():
         lines += [f"### {op}", ""] + op_table(run, op) + [""]
         if plots and op in plots:
@@ -350,7 +364,37 @@ def targets(run: Run) -> list[tuple[str, str, str]]:
                        "token_logprobs", "forward", "vs_eager", x, shape="N=2048xV=32000", backend="cpu"))
         out.append(row("token_logprobs (cpu backend) extra memory O(N) at N=2048, V=32000 (forward, MB)",
                        "token_logprobs", "forward", "mem", mb, shape="N=2048xV=32000", backend="cpu"))
+        for op in ("kl_penalty", "ppo_policy_loss", "ppo_value_loss", "dpo_loss"):
+            out.append(row(f"{op} (cpu backend) at least as fast as torch.compile", op, None, "vs_compile", x,
+                           backend="cpu", where="all shapes/modes"))
     return out
+
+
+def threads_table(cpu_runs: list[Run], backend: str = "cpu") -> list[str]:
+    """Per op and mode, the ``backend`` provider's speedup over eager and over torch.compile in each
+    CPU run (one column pair per thread count; a range spans the shapes and dtypes)."""
+    if not cpu_runs:
+        return []
+    head = ["op", "mode"]
+    for r in cpu_runs:
+        t = r.env.get("threads")
+        head += [f"vs eager, {t} thr", f"vs compile, {t} thr"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    ops = []
+    for r in cpu_runs:
+        ops += [op for op in r.ops() if op not in ops]
+    for op in ops:
+        for mode in MODE_ORDER:
+            cells, any_value = [op, mode], False
+            for r in cpu_runs:
+                keys = _keys(r, op, mode)
+                ve = _span([r.ratio(k, backend, "eager") for k in keys], lambda v: f"{v:.2f}x")
+                vc = _span([r.ratio(k, backend, "torch_compile") for k in keys], lambda v: f"{v:.2f}x")
+                any_value = any_value or ve is not None
+                cells += [ve or "–", vc or "–"]
+            if any_value:
+                lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _eager_mem(run: Run, op, mode, shape=None):
@@ -382,31 +426,40 @@ def summary_table(run: Run) -> list[str]:
 
 def readme_section(rows: list[dict], report_rel: str) -> str:
     out = [BEGIN, ""]
-    for device, title in (("cuda", "GPU"), ("cpu", "CPU")):
-        rs = latest_run(rows, device)
-        if not rs:
-            if device == "cuda":
-                out += [f"**{title}: no results recorded yet.** The GPU numbers are still owed: run "
-                        "`bash benchmarks/gpu_check.sh` on a GPU machine and commit `benchmarks/results/`.", ""]
-            continue
-        run = Run(rs)
-        out += [f"**{title}: {run.env.get('device_name')}**", ""] + env_lines(run) + [""]
-        out += ["Targets from the design next to what this run measured (fastest non-reference backend "
-                "per case; a range spans the shapes and dtypes):", ""]
-        out += ["| target | measured | cases |", "|---|---|---|"]
-        out += [f"| {t} | {m} | {w} |" for t, m, w in targets(run)]
-        out += ["", f"Speedups in this run (range over shapes and dtypes; full tables in [{report_rel}]({report_rel})):",
-                ""]
-        out += summary_table(run) + [""]
-        if device == "cpu":
-            out += ["On CPU the small shapes stay in the caches between calls, so `% copy BW` (against a copy of "
-                    "256 MB) can pass 100%.", ""]
-        em = _eager_mem(run, "token_logprobs", "forward")
-        if em:
-            out += [f"Extra peak memory of eager token_logprobs forward (the fp32 log-softmax kept for backward): {em}.",
-                    ""]
+    gpu = latest_run(rows, "cuda")
+    if gpu:
+        out += _device_section(Run(gpu), "GPU", report_rel)
+    else:
+        out += ["**GPU: no results recorded yet.** The GPU numbers are still owed: run "
+                "`bash benchmarks/gpu_check.sh` on a GPU machine and commit `benchmarks/results/`.", ""]
+    cpu_runs = [Run(rs) for rs in latest_cpu_runs(rows)]
+    if len(cpu_runs) > 1:
+        out += ["**CPU: the `cpu` backend at each thread count** (latest run of each; ratios inside each run, a "
+                "range spans the shapes and dtypes):", ""]
+        out += threads_table(cpu_runs) + [""]
+    for run in cpu_runs:
+        out += _device_section(run, f"CPU, {run.env.get('threads')} thread(s)", report_rel)
     out.append(END)
     return "\n".join(out)
+
+
+def _device_section(run: Run, title: str, report_rel: str) -> list[str]:
+    out = [f"**{title}: {run.env.get('device_name')}**", ""] + env_lines(run) + [""]
+    out += ["Targets from the design next to what this run measured (fastest non-reference backend "
+            "per case unless a backend is named; a range spans the shapes and dtypes):", ""]
+    out += ["| target | measured | cases |", "|---|---|---|"]
+    out += [f"| {t} | {m} | {w} |" for t, m, w in targets(run)]
+    out += ["", f"Speedups in this run (range over shapes and dtypes; full tables in [{report_rel}]({report_rel})):",
+            ""]
+    out += summary_table(run) + [""]
+    if run.env.get("device") == "cpu":
+        out += ["On CPU the small shapes stay in the caches between calls, so `% copy BW` (against a copy of "
+                "256 MB) can pass 100%.", ""]
+    em = _eager_mem(run, "token_logprobs", "forward")
+    if em:
+        out += [f"Extra peak memory of eager token_logprobs forward (the fp32 log-softmax kept for backward): {em}.",
+                ""]
+    return out
 
 
 def update_readme(section: str, readme: Path = README) -> bool:
@@ -433,9 +486,9 @@ def write_report(results_dir: Path, run_ids: list[str] | None = None, plots: boo
     if run_ids:
         selected = [by_run[r] for r in run_ids if r in by_run]
     else:
-        selected = [rs for rs in (latest_run(rows, "cuda"), latest_run(rows, "cpu")) if rs]
+        selected = [rs for rs in [latest_run(rows, "cuda")] + latest_cpu_runs(rows) if rs]
         if not selected:  # only quick runs recorded
-            selected = [rs for rs in (latest_run(rows, "cuda", True), latest_run(rows, "cpu", True)) if rs]
+            selected = [rs for rs in [latest_run(rows, "cuda", True)] + latest_cpu_runs(rows, True) if rs]
     parts = [
         "# Benchmark report",
         "",
@@ -448,9 +501,12 @@ def write_report(results_dir: Path, run_ids: list[str] | None = None, plots: boo
         "bandwidth (measured on 256 MB): % above 100 means the data never went to DRAM.",
         "",
     ]
+    cpu_sel = [Run(rs) for rs in selected if rs[0]["device"] == "cpu"]
+    if len(cpu_sel) > 1:
+        parts += ["## CPU: the `cpu` backend at each thread count", ""] + threads_table(cpu_sel) + [""]
     for rs in selected:
         run = Run(rs)
-        slug = "cpu" if run.env.get("device") == "cpu" else "cuda"
+        slug = "cuda" if run.env.get("device") != "cpu" else f"cpu-{run.env.get('threads')}t"
         pl = {}
         if plots:
             pl = {op: str(p.relative_to(results_dir)) for op, p in make_plots(run, results_dir / "plots", slug).items()}

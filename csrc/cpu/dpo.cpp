@@ -1,52 +1,175 @@
-// dpo_loss on CPU: elementwise over pairs with the losses of rlhf_kernels/math.h.  Also the
-// schemas of the dpo family.
+// dpo_loss on CPU: one vectorized pass over the pairs (vec.h) with the losses of
+// rlhf_kernels/math.h written out on SIMD vectors (exp and log1p by polynomials), inputs read in
+// their own dtype.  Also the schemas of the dpo family.
 #include "common.h"
 #include "rlhf_kernels/math.h"
+#include "vec.h"
 
-#include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 namespace rlhf_kernels {
 namespace cpu {
+namespace {
+
+struct DpoArgs {
+  SrcF pc, pr, rc, rr, g;
+  DstF *o0, *o1, *o2, *o3;  // forward: losses, chosen, rejected; backward: d pc, d pr, d rc, d rr
+  float beta, ls;
+  int type;
+};
+
+// log_sigmoid(x) = min(x, 0) - log1p(exp(-|x|)); sigmoid(|x|) = 1 / (1 + e), sigmoid(-|x|) = e / (1 + e).
+template <typename VF>
+struct SigV { VF ls_pos, ls_neg, sig_pos, sig_neg; };  // at +x and -x
+
+template <typename VF>
+RK_INLINE SigV<VF> sig_v(VF x) {
+  const VF zero = vbroadcast<VF>(0.0f);
+  const VF e = vexp(-vabs(x));
+  const VF l1p = vlog1p_unit(e);
+  const VF inv = 1.0f / (1.0f + e);
+  const VF big = inv, small = e * inv;  // sigmoid(|x|), sigmoid(-|x|)
+  const auto pos = x >= zero;
+  SigV<VF> o;
+  o.ls_pos = vmin(x, zero) - l1p;
+  o.ls_neg = vmin(-x, zero) - l1p;
+  o.sig_pos = pos ? big : small;
+  o.sig_neg = pos ? small : big;
+  return o;
+}
+
+template <typename VF>
+RK_INLINE void dpo_v(VF h, const DpoArgs& a, VF& loss, VF& dh) {
+  const float beta = a.beta, ls = a.ls;
+  const VF bh = beta * h;
+  switch (a.type) {
+    case kSigmoid: {
+      const SigV<VF> s = sig_v(bh);
+      loss = -(1.0f - ls) * s.ls_pos - ls * s.ls_neg;
+      dh = beta * (-(1.0f - ls) * s.sig_neg + ls * s.sig_pos);
+      break;
+    }
+    case kIpo: {
+      const VF e = h - 1.0f / (2.0f * beta);
+      loss = e * e;
+      dh = 2.0f * e;
+      break;
+    }
+    case kHinge: {
+      const VF zero = vbroadcast<VF>(0.0f);
+      const VF m = 1.0f - bh;
+      loss = m > zero ? m : zero;
+      dh = m > zero ? vbroadcast<VF>(-beta) : zero;
+      break;
+    }
+    default: {
+      const float k = 1.0f / (1.0f - 2.0f * ls);
+      const SigV<VF> s = sig_v(bh);
+      loss = k * (-(1.0f - ls) * s.ls_pos + ls * s.ls_neg);
+      dh = k * beta * (-(1.0f - ls) * s.sig_neg - ls * s.sig_pos);
+    }
+  }
+}
+
+template <typename VF>
+RK_INLINE void dpo_fwd_range(const DpoArgs& a, int64_t begin, int64_t end) {
+  constexpr int64_t W = lanes<VF>();
+  float b0[kVecChunk], b1[kVecChunk], b2[kVecChunk], b3[kVecChunk], o0[kVecChunk], o1[kVecChunk], o2[kVecChunk];
+  for (int64_t c0 = begin; c0 < end; c0 += kVecChunk) {
+    const int64_t n = std::min(kVecChunk, end - c0);
+    const float *pc = a.pc.chunk(c0, n, b0), *pr = a.pr.chunk(c0, n, b1), *rc = a.rc.chunk(c0, n, b2),
+                *rr = a.rr.chunk(c0, n, b3);
+    float *pl = a.o0->at(c0, o0), *pcr = a.o1->at(c0, o1), *prj = a.o2->at(c0, o2);
+    int64_t i = 0;
+    for (; i + W <= n; i += W) {
+      const VF chosen = vload<VF>(pc + i) - vload<VF>(rc + i), rejected = vload<VF>(pr + i) - vload<VF>(rr + i);
+      VF loss, dh;
+      dpo_v(chosen - rejected, a, loss, dh);
+      vstore(pl + i, loss);
+      vstore(pcr + i, a.beta * chosen);
+      vstore(prj + i, a.beta * rejected);
+    }
+    for (; i < n; ++i) {
+      const float chosen = pc[i] - rc[i], rejected = pr[i] - rr[i];
+      pl[i] = dpo_pair(chosen - rejected, a.beta, a.type, a.ls).loss;
+      pcr[i] = a.beta * chosen;
+      prj[i] = a.beta * rejected;
+    }
+    a.o0->flush(c0, n, o0); a.o1->flush(c0, n, o1); a.o2->flush(c0, n, o2);
+  }
+}
+
+template <typename VF>
+RK_INLINE void dpo_bwd_range(const DpoArgs& a, int64_t begin, int64_t end) {
+  constexpr int64_t W = lanes<VF>();
+  float b0[kVecChunk], b1[kVecChunk], b2[kVecChunk], b3[kVecChunk], bg[kVecChunk];
+  float o0[kVecChunk], o1[kVecChunk], o2[kVecChunk], o3[kVecChunk];
+  for (int64_t c0 = begin; c0 < end; c0 += kVecChunk) {
+    const int64_t n = std::min(kVecChunk, end - c0);
+    const float *pc = a.pc.chunk(c0, n, b0), *pr = a.pr.chunk(c0, n, b1), *rc = a.rc.chunk(c0, n, b2),
+                *rr = a.rr.chunk(c0, n, b3), *pg = a.g.chunk(c0, n, bg);
+    float *d0 = a.o0->at(c0, o0), *d1 = a.o1->at(c0, o1), *d2 = a.o2->at(c0, o2), *d3 = a.o3->at(c0, o3);
+    int64_t i = 0;
+    for (; i + W <= n; i += W) {
+      const VF h = (vload<VF>(pc + i) - vload<VF>(rc + i)) - (vload<VF>(pr + i) - vload<VF>(rr + i));
+      VF loss, dh;
+      dpo_v(h, a, loss, dh);
+      const VF g = vload<VF>(pg + i) * dh;
+      vstore(d0 + i, g); vstore(d1 + i, -g); vstore(d2 + i, -g); vstore(d3 + i, g);
+    }
+    for (; i < n; ++i) {
+      const float g = pg[i] * dpo_pair((pc[i] - rc[i]) - (pr[i] - rr[i]), a.beta, a.type, a.ls).d_h;
+      d0[i] = g; d1[i] = -g; d2[i] = -g; d3[i] = g;
+    }
+    a.o0->flush(c0, n, o0); a.o1->flush(c0, n, o1); a.o2->flush(c0, n, o2); a.o3->flush(c0, n, o3);
+  }
+}
+
+RK_ISA_DISPATCH(dpo_fwd, DpoArgs)
+RK_ISA_DISPATCH(dpo_bwd, DpoArgs)
+
+void check_pairs(const char* op, const Tensor& pc, const Tensor& pr, const Tensor& rc, const Tensor& rr,
+                 int64_t loss_type, double beta) {
+  check_float_cpu(pc, op, "policy_chosen");
+  TORCH_CHECK(pc.dim() == 1, "rlhf_kernels::", op, ": policy_chosen must be 1-D [B], got shape ", pc.sizes());
+  check_float_like(pr, pc, op, "policy_rejected", "policy_chosen");
+  check_float_like(rc, pc, op, "ref_chosen", "policy_chosen");
+  check_float_like(rr, pc, op, "ref_rejected", "policy_chosen");
+  TORCH_CHECK(loss_type >= 0 && loss_type <= kRobust, "rlhf_kernels::", op, ": loss_type must be in [0, ",
+              int(kRobust), "], got ", loss_type);
+  TORCH_CHECK(beta > 0.0, "rlhf_kernels::", op, ": beta must be > 0, got ", beta);
+}
+
+Tensor empty_contig(const Tensor& like, at::ScalarType st) {
+  return at::empty({like.numel()}, like.options().dtype(st).memory_format(at::MemoryFormat::Contiguous));
+}
+
+}  // namespace
 
 Tensor3 dpo_loss_fwd(const Tensor& pc, const Tensor& pr, const Tensor& rc, const Tensor& rr, double beta,
                      int64_t loss_type, double label_smoothing) {
-  const Tensor a = f32(pc), b = f32(pr), c = f32(rc), d = f32(rr);
-  const int64_t n = a.numel();
-  Tensor losses = at::empty({n}, a.options()), cr = at::empty({n}, a.options()), rj = at::empty({n}, a.options());
-  const float *pa = a.data_ptr<float>(), *pb = b.data_ptr<float>(), *pcc = c.data_ptr<float>(),
-              *pd = d.data_ptr<float>();
-  float *pl = losses.data_ptr<float>(), *pcr = cr.data_ptr<float>(), *prj = rj.data_ptr<float>();
-  const float be = static_cast<float>(beta), ls = static_cast<float>(label_smoothing);
-  const int type = static_cast<int>(loss_type);
-  at::parallel_for(0, n, kElemGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const float chosen = pa[i] - pcc[i], rejected = pb[i] - pd[i];
-      pl[i] = dpo_pair(chosen - rejected, be, type, ls).loss;
-      pcr[i] = be * chosen;
-      prj[i] = be * rejected;
-    }
-  });
+  check_pairs("dpo_loss_fwd", pc, pr, rc, rr, loss_type, beta);
+  const Tensor a = contig(pc), b = contig(pr), c = contig(rc), d = contig(rr);
+  Tensor losses = empty_contig(a, at::kFloat), cr = empty_contig(a, at::kFloat), rj = empty_contig(a, at::kFloat);
+  DstF o0(losses), o1(cr), o2(rj);
+  const DpoArgs args{SrcF(a), SrcF(b), SrcF(c), SrcF(d), SrcF(a), &o0, &o1, &o2, nullptr,
+                     static_cast<float>(beta), static_cast<float>(label_smoothing), static_cast<int>(loss_type)};
+  parallel_blocks(a.numel(), kElemGrain, [&](int64_t begin, int64_t end) { dpo_fwd(args, begin, end); });
   return {losses, cr, rj};
 }
 
 Tensor4 dpo_loss_bwd(const Tensor& grad_losses, const Tensor& pc, const Tensor& pr, const Tensor& rc,
                      const Tensor& rr, double beta, int64_t loss_type, double label_smoothing) {
-  const Tensor a = f32(pc), b = f32(pr), c = f32(rc), d = f32(rr), g = f32(grad_losses);
-  const int64_t n = a.numel();
-  Tensor dh = at::empty({n}, a.options());
-  const float *pa = a.data_ptr<float>(), *pb = b.data_ptr<float>(), *pcc = c.data_ptr<float>(),
-              *pd = d.data_ptr<float>(), *pg = g.data_ptr<float>();
-  float* pdh = dh.data_ptr<float>();
-  const float be = static_cast<float>(beta), ls = static_cast<float>(label_smoothing);
-  const int type = static_cast<int>(loss_type);
-  at::parallel_for(0, n, kElemGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i)
-      pdh[i] = pg[i] * dpo_pair((pa[i] - pcc[i]) - (pb[i] - pd[i]), be, type, ls).d_h;
-  });
-  const Tensor neg = dh.neg();
-  return {dh.to(pc.scalar_type()), neg.to(pr.scalar_type()), neg.to(rc.scalar_type()), dh.to(rr.scalar_type())};
+  check_pairs("dpo_loss_bwd", pc, pr, rc, rr, loss_type, beta);
+  check_float_like(grad_losses, pc, "dpo_loss_bwd", "grad_losses", "policy_chosen");
+  const Tensor a = contig(pc), b = contig(pr), c = contig(rc), d = contig(rr), g = contig(grad_losses);
+  Tensor d0 = empty_contig(a, pc.scalar_type()), d1 = empty_contig(a, pr.scalar_type()),
+         d2 = empty_contig(a, rc.scalar_type()), d3 = empty_contig(a, rr.scalar_type());
+  DstF o0(d0), o1(d1), o2(d2), o3(d3);
+  const DpoArgs args{SrcF(a), SrcF(b), SrcF(c), SrcF(d), SrcF(g), &o0, &o1, &o2, &o3,
+                     static_cast<float>(beta), static_cast<float>(label_smoothing), static_cast<int>(loss_type)};
+  parallel_blocks(a.numel(), kElemGrain, [&](int64_t begin, int64_t end) { dpo_bwd(args, begin, end); });
+  return {d0, d1, d2, d3};
 }
 
 }  // namespace cpu

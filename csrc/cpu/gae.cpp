@@ -11,7 +11,10 @@ namespace rlhf_kernels {
 namespace cpu {
 
 Tensor2 gae_fwd(const Tensor& rewards, const Tensor& values, const Tensor& mask, double gamma, double lam) {
-  check_2d(rewards, "gae");
+  check_float_cpu(rewards, "gae_fwd", "rewards");
+  TORCH_CHECK(rewards.dim() == 2, "rlhf_kernels::gae_fwd: rewards must be 2-D [B, T], got shape ", rewards.sizes());
+  check_float_like(values, rewards, "gae_fwd", "values", "rewards");
+  check_mask(mask, rewards, "gae_fwd", "rewards");
   const Tensor r = f32(rewards), v = f32(values), m = as_bool(mask);
   const int64_t B = r.size(0), T = r.size(1);
   Tensor adv = at::empty({B, T}, r.options()), ret = at::empty({B, T}, r.options());
@@ -30,7 +33,11 @@ Tensor2 gae_fwd(const Tensor& rewards, const Tensor& values, const Tensor& mask,
 
 Tensor2 gae_bwd(const Tensor& grad_advantages, const Tensor& grad_returns, const Tensor& mask, double gamma,
                 double lam) {
-  check_2d(mask, "gae");
+  check_float_cpu(grad_advantages, "gae_bwd", "grad_advantages");
+  TORCH_CHECK(grad_advantages.dim() == 2, "rlhf_kernels::gae_bwd: grad_advantages must be 2-D [B, T], got shape ",
+              grad_advantages.sizes());
+  check_float_like(grad_returns, grad_advantages, "gae_bwd", "grad_returns", "grad_advantages");
+  check_mask(mask, grad_advantages, "gae_bwd", "grad_advantages");
   const Tensor gA = f32(grad_advantages), gR = f32(grad_returns), m = as_bool(mask);
   const int64_t B = m.size(0), T = m.size(1);
   Tensor dr = at::empty({B, T}, gA.options()), dv = at::empty({B, T}, gA.options());

@@ -1,37 +1,116 @@
-// kl_penalty on CPU: the estimators of rlhf_kernels/math.h, elementwise in parallel.  Also the
+// kl_penalty on CPU: the estimators of rlhf_kernels/math.h, one vectorized pass (vec.h) over
+// chunks of the inputs, in their own dtype (bf16 / fp16 converted in a stack buffer).  Also the
 // schemas of the kl family (this file is compiled in every build; csrc/cuda/kl_glue.cpp adds CUDA).
 #include "common.h"
 #include "rlhf_kernels/math.h"
+#include "vec.h"
 
-#include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 namespace rlhf_kernels {
 namespace cpu {
+namespace {
+
+struct KlArgs {
+  SrcF a, b, g;  // logprobs, ref_logprobs, upstream gradient (backward)
+  DstF out, out2;  // forward: kl (out2 unused); backward: d logprobs, d ref_logprobs
+  int est;
+};
+
+template <typename VF>
+RK_INLINE VF kl_value_v(VF d, int est) {
+  switch (est) {
+    case kK1: return d;
+    case kK2: return 0.5f * d * d;
+    case kK3: return vexp(-d) - 1.0f + d;
+    default: return vabs(d);
+  }
+}
+
+template <typename VF>
+RK_INLINE VF kl_grad_v(VF d, int est) {
+  const VF one = vbroadcast<VF>(1.0f), zero = vbroadcast<VF>(0.0f);
+  switch (est) {
+    case kK1: return one;
+    case kK2: return d;
+    case kK3: return 1.0f - vexp(-d);
+    default: return d > zero ? one : (d < zero ? -one : zero);
+  }
+}
+
+template <typename VF>
+RK_INLINE void kl_fwd_range(const KlArgs& a, int64_t begin, int64_t end) {
+  constexpr int64_t W = lanes<VF>();
+  float ba[kVecChunk], bb[kVecChunk], bo[kVecChunk];
+  for (int64_t c0 = begin; c0 < end; c0 += kVecChunk) {
+    const int64_t n = std::min(kVecChunk, end - c0);
+    const float *pa = a.a.chunk(c0, n, ba), *pb = a.b.chunk(c0, n, bb);
+    float* po = a.out.at(c0, bo);
+    int64_t i = 0;
+    for (; i + W <= n; i += W) vstore(po + i, kl_value_v(vload<VF>(pa + i) - vload<VF>(pb + i), a.est));
+    for (; i < n; ++i) po[i] = kl_value(pa[i] - pb[i], a.est);
+    a.out.flush(c0, n, bo);
+  }
+}
+
+template <typename VF>
+RK_INLINE void kl_bwd_range(const KlArgs& a, int64_t begin, int64_t end) {
+  constexpr int64_t W = lanes<VF>();
+  float ba[kVecChunk], bb[kVecChunk], bg[kVecChunk], bo[kVecChunk], bo2[kVecChunk];
+  for (int64_t c0 = begin; c0 < end; c0 += kVecChunk) {
+    const int64_t n = std::min(kVecChunk, end - c0);
+    const float *pa = a.a.chunk(c0, n, ba), *pb = a.b.chunk(c0, n, bb), *pg = a.g.chunk(c0, n, bg);
+    float *po = a.out.at(c0, bo), *po2 = a.out2.at(c0, bo2);
+    int64_t i = 0;
+    for (; i + W <= n; i += W) {
+      const VF g = vload<VF>(pg + i) * kl_grad_v(vload<VF>(pa + i) - vload<VF>(pb + i), a.est);
+      vstore(po + i, g);
+      vstore(po2 + i, -g);
+    }
+    for (; i < n; ++i) {
+      const float g = pg[i] * kl_grad(pa[i] - pb[i], a.est);
+      po[i] = g;
+      po2[i] = -g;
+    }
+    a.out.flush(c0, n, bo);
+    a.out2.flush(c0, n, bo2);
+  }
+}
+
+RK_ISA_DISPATCH(kl_fwd, KlArgs)
+RK_ISA_DISPATCH(kl_bwd, KlArgs)
+
+void check_estimator(int64_t estimator, const char* op) {
+  TORCH_CHECK(estimator >= 0 && estimator <= kAbs, "rlhf_kernels::", op, ": estimator must be in [0, ", int(kAbs),
+              "], got ", estimator);
+}
+
+}  // namespace
 
 Tensor kl_penalty_fwd(const Tensor& logprobs, const Tensor& ref_logprobs, int64_t estimator) {
-  const Tensor a = f32(logprobs), b = f32(ref_logprobs);
-  Tensor out = at::empty(a.sizes(), a.options());
-  const float *pa = a.data_ptr<float>(), *pb = b.data_ptr<float>();
-  float* po = out.data_ptr<float>();
-  const int est = static_cast<int>(estimator);
-  at::parallel_for(0, a.numel(), kElemGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) po[i] = kl_value(pa[i] - pb[i], est);
-  });
+  const char* op = "kl_penalty_fwd";
+  check_float_cpu(logprobs, op, "logprobs");
+  check_float_like(ref_logprobs, logprobs, op, "ref_logprobs", "logprobs");
+  check_estimator(estimator, op);
+  const Tensor a = contig(logprobs), b = contig(ref_logprobs);
+  Tensor out = at::empty(a.sizes(), a.options().dtype(at::kFloat));
+  const KlArgs args{SrcF(a), SrcF(b), SrcF(a), DstF(out), DstF(out), static_cast<int>(estimator)};
+  parallel_blocks(a.numel(), kElemGrain, [&](int64_t begin, int64_t end) { kl_fwd(args, begin, end); });
   return out;
 }
 
 Tensor2 kl_penalty_bwd(const Tensor& grad, const Tensor& logprobs, const Tensor& ref_logprobs, int64_t estimator) {
-  const Tensor a = f32(logprobs), b = f32(ref_logprobs), g = f32(grad);
-  Tensor ga = at::empty(a.sizes(), a.options());
-  const float *pa = a.data_ptr<float>(), *pb = b.data_ptr<float>(), *pg = g.data_ptr<float>();
-  float* pga = ga.data_ptr<float>();
-  const int est = static_cast<int>(estimator);
-  at::parallel_for(0, a.numel(), kElemGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) pga[i] = pg[i] * kl_grad(pa[i] - pb[i], est);
-  });
-  return {ga.to(logprobs.scalar_type()), ga.neg().to(ref_logprobs.scalar_type())};
+  const char* op = "kl_penalty_bwd";
+  check_float_cpu(logprobs, op, "logprobs");
+  check_float_like(ref_logprobs, logprobs, op, "ref_logprobs", "logprobs");
+  check_float_like(grad, logprobs, op, "grad", "logprobs");
+  check_estimator(estimator, op);
+  const Tensor a = contig(logprobs), b = contig(ref_logprobs), g = contig(grad);
+  Tensor ga = at::empty(a.sizes(), logprobs.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor gb = at::empty(a.sizes(), ref_logprobs.options().memory_format(at::MemoryFormat::Contiguous));
+  const KlArgs args{SrcF(a), SrcF(b), SrcF(g), DstF(ga), DstF(gb), static_cast<int>(estimator)};
+  parallel_blocks(a.numel(), kElemGrain, [&](int64_t begin, int64_t end) { kl_bwd(args, begin, end); });
+  return {ga, gb};
 }
 
 }  // namespace cpu

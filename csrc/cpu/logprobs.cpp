@@ -6,6 +6,7 @@
 // vectors (GCC/Clang vector extensions, so no per-ISA copies or -ffast-math are needed).
 #include "common.h"
 #include "rlhf_kernels/math.h"
+#include "vec.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -26,106 +27,10 @@ namespace {
 
 constexpr int64_t kChunk = 1024;  // fp32 elements per chunk: 4 KB, L1 resident
 
-// exp(x) for x <= 0 (all our arguments are shifted by the row max), 0 below -87.3.
-// exp(x) = 2^n exp(r), n = round(x / ln 2), r = x - n ln 2 split in two parts (Cody-Waite),
-// exp(r) by a degree-6 polynomial on |r| <= ln2 / 2 (relative error ~1e-7).  Rounding uses the
-// 1.5 * 2^23 trick so it vectorizes without SSE4.1's roundps.
-inline float exp_nonpos(float x) {
-  const float xc = std::max(x, -87.3f);
-  const float t = xc * 1.44269504088896341f;
-  const float n = (t + 12582912.0f) - 12582912.0f;
-  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.3f ? 0.0f : p * scale;
-}
-
 template <typename T>
 inline void load_chunk(const T* x, int64_t n, float inv_t, float* buf) {
   for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(x[i]) * inv_t;
 }
-
-// Portable SIMD through GCC/Clang vector extensions, templated on the vector type: 4 fp32 lanes
-// (SSE2 on baseline x86-64, NEON on aarch64) and, on x86-64, an 8-lane copy of the row loops compiled
-// for AVX2+FMA and picked at run time.  Two ISA copies only; no -ffast-math.  Other compilers take
-// the scalar loops.
-#if defined(__GNUC__) || defined(__clang__)
-#define RK_VEC 1
-#define RK_INLINE inline __attribute__((always_inline))
-typedef float vf4 __attribute__((vector_size(16)));
-#if defined(__x86_64__)
-#define RK_AVX2 1
-typedef float vf8 __attribute__((vector_size(32)));
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"  // the 8-lane helpers are always inlined: no ABI boundary
-#endif
-#endif
-
-template <typename VF>
-constexpr int64_t lanes() { return sizeof(VF) / sizeof(float); }
-template <typename VF>
-RK_INLINE VF vbroadcast(float x) { return VF{} + x; }
-template <typename VF>
-RK_INLINE VF vload(const float* p) {
-  VF v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-template <typename VF>
-RK_INLINE void vstore(float* p, VF v) { std::memcpy(p, &v, sizeof(v)); }
-template <typename VF>
-RK_INLINE VF vmax(VF a, VF b) { return a > b ? a : b; }
-
-// exp_nonpos on a vector (same polynomial and constants).
-template <typename VF>
-RK_INLINE VF vexp_nonpos(VF x) {
-  using VI = decltype(x < x);
-  const VF lo = vbroadcast<VF>(-87.3f);
-  const VF xc = x < lo ? lo : x;
-  const VF magic = vbroadcast<VF>(12582912.0f);
-  const VF n = (xc * 1.44269504088896341f + magic) - magic;
-  const VF r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
-  VF p = vbroadcast<VF>(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
-  VF scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < lo ? vbroadcast<VF>(0.0f) : p * scale;
-}
-
-template <typename VF>
-RK_INLINE float hsum(VF v) {
-  float a[lanes<VF>()];
-  std::memcpy(a, &v, sizeof(a));
-  float s = 0.0f;
-  for (int j = 0; j < lanes<VF>(); ++j) s += a[j];
-  return s;
-}
-template <typename VF>
-RK_INLINE float hmax(VF v) {
-  float a[lanes<VF>()];
-  std::memcpy(a, &v, sizeof(a));
-  float m = a[0];
-  for (int j = 1; j < lanes<VF>(); ++j) m = std::max(m, a[j]);
-  return m;
-}
-#else
-#define RK_INLINE inline
-struct vf4 {};
-#endif
 
 template <typename VF>
 RK_INLINE float chunk_max(const float* buf, int64_t n) {
@@ -296,30 +201,49 @@ void run_rows(const RowArgs<T>& a, int64_t n_rows, bool backward) {
 #ifdef RK_AVX2
   if (has_avx2()) fn = backward ? &backward_avx2<T> : &forward_avx2<T>;
 #endif
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(a.vocab, 1));
-  at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) { fn(a, begin, end); });
+  // Blocks of about 32K logits (one row at V >= 32K) handed out dynamically (parallel_blocks).
+  const int64_t block = std::max<int64_t>(1, 32768 / std::max<int64_t>(a.vocab, 1));
+  parallel_blocks(n_rows, block, [&](int64_t begin, int64_t end) { fn(a, begin, end); });
 }
 
-void check_logits(const Tensor& logits, const Tensor& labels, int64_t ignore_index) {
-  TORCH_CHECK(logits.dim() == 2, "rlhf_kernels::token_logprobs: logits must be [N, V], got ", logits.sizes());
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0) && labels.scalar_type() == at::kLong,
-              "rlhf_kernels::token_logprobs: labels must be int64 [N]");
+void check_logits(const Tensor& logits, const Tensor& labels, int64_t ignore_index, const char* op) {
+  check_float_cpu(logits, op, "logits");
+  TORCH_CHECK(logits.dim() == 2, "rlhf_kernels::", op, ": logits must be 2-D [N, V], got shape ", logits.sizes());
+  TORCH_CHECK(labels.device().is_cpu(), "rlhf_kernels::", op, ": labels must be a CPU tensor, got ", labels.device());
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "rlhf_kernels::", op, ": labels must be int64, got ",
+              labels.scalar_type());
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == logits.size(0), "rlhf_kernels::", op,
+              ": labels must be [N] with N = logits.size(0) = ", logits.size(0), ", got shape ", labels.sizes());
   // The public API validates labels; the op checks again (O(N)) since it indexes with them.
-  const Tensor l = labels.contiguous();
+  const Tensor l = contig(labels);
   const int64_t* p = l.data_ptr<int64_t>();
   const int64_t vocab = logits.size(1);
   for (int64_t i = 0; i < l.numel(); ++i)
-    TORCH_CHECK(p[i] == ignore_index || (p[i] >= 0 && p[i] < vocab), "rlhf_kernels::token_logprobs: label ", p[i],
-                " at row ", i, " is outside [0, ", vocab, ") and is not ignore_index=", ignore_index);
+    TORCH_CHECK(p[i] == ignore_index || (p[i] >= 0 && p[i] < vocab), "rlhf_kernels::", op, ": labels[", i,
+                "] = ", p[i], " is outside [0, ", vocab, ") and is not ignore_index=", ignore_index);
+}
+
+// A per-row fp32 [N] input of the backward (lse, entropy, grad_logprobs, grad_entropy).
+void check_row_vector(const Tensor& t, int64_t n, const char* op, const char* name) {
+  check_float_cpu(t, op, name);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "rlhf_kernels::", op, ": ", name, " must be [N] with N = ", n,
+              ", got shape ", t.sizes());
+}
+
+// The logits as the kernels read them: in place when each row is contiguous (any row stride,
+// e.g. a slice of a wider or padded tensor); a copy only when the vocabulary stride is not 1.
+Tensor rows_view(const Tensor& logits) {
+  return (logits.stride(1) == 1 || logits.size(1) <= 1) && logits.stride(0) >= 0 ? logits : logits.contiguous();
 }
 
 }  // namespace
 
 Tensor3 token_logprobs_fwd(const Tensor& logits_in, const Tensor& labels_in, double temperature,
                            int64_t ignore_index, bool with_entropy) {
-  check_logits(logits_in, labels_in, ignore_index);
-  const Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
-  const Tensor labels = labels_in.contiguous();
+  check_logits(logits_in, labels_in, ignore_index, "token_logprobs_fwd");
+  TORCH_CHECK(temperature > 0.0, "rlhf_kernels::token_logprobs_fwd: temperature must be > 0, got ", temperature);
+  const Tensor logits = rows_view(logits_in);
+  const Tensor labels = contig(labels_in);
   const int64_t n = logits.size(0), vocab = logits.size(1);
   auto opts = logits.options().dtype(at::kFloat);
   Tensor lp = at::empty({n}, opts), lse = at::empty({n}, opts), ent = at::empty({n}, opts);
@@ -337,16 +261,23 @@ Tensor3 token_logprobs_fwd(const Tensor& logits_in, const Tensor& labels_in, dou
 Tensor token_logprobs_bwd(const Tensor& grad_logprobs, const std::optional<Tensor>& grad_entropy,
                           const Tensor& logits_in, const Tensor& labels_in, const Tensor& lse,
                           const Tensor& entropy, double temperature, int64_t ignore_index) {
-  check_logits(logits_in, labels_in, ignore_index);
-  const Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
-  const Tensor labels = labels_in.contiguous();
+  const char* op = "token_logprobs_bwd";
+  check_logits(logits_in, labels_in, ignore_index, op);
+  TORCH_CHECK(temperature > 0.0, "rlhf_kernels::", op, ": temperature must be > 0, got ", temperature);
+  const Tensor logits = rows_view(logits_in);
+  const Tensor labels = contig(labels_in);
   const int64_t n = logits.size(0), vocab = logits.size(1);
-  Tensor grad = at::empty({n, vocab}, logits.options());
+  check_row_vector(grad_logprobs, n, op, "grad_logprobs");
+  if (grad_entropy.has_value() && grad_entropy->defined()) check_row_vector(*grad_entropy, n, op, "grad_entropy");
+  check_row_vector(lse, n, op, "lse");
+  check_row_vector(entropy, n, op, "entropy");
+  // A fresh [N, V] output written in full: huge pages make its first touch cheap (empty_large).
+  Tensor grad = empty_large({n, vocab}, logits.options());
   if (grad.numel() == 0) return grad;
   const Tensor g_lp = grad_logprobs.to(at::kFloat).contiguous();
   Tensor g_ent;
   if (grad_entropy.has_value() && grad_entropy->defined()) g_ent = grad_entropy->to(at::kFloat).contiguous();
-  const Tensor lse_c = lse.contiguous(), ent_c = entropy.contiguous();
+  const Tensor lse_c = lse.to(at::kFloat).contiguous(), ent_c = entropy.to(at::kFloat).contiguous();
   const float inv_t = static_cast<float>(1.0 / temperature);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_logprobs_bwd", [&] {
     RowArgs<scalar_t> a{logits.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), nullptr,

@@ -11,6 +11,8 @@ of token_logprobs, the per-row weights of the PPO aggregation) instead of saving
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .._registry import import_family_modules
@@ -32,6 +34,44 @@ def zeros_if_none(g, like):
 def as_rows(t: torch.Tensor) -> torch.Tensor:
     # The [B, T] kernels take token-mean inputs of any shape as one row of all tokens (same weights).
     return t if t.dim() == 2 else t.reshape(1, -1)
+
+
+# Inside our own autograd.Function the op's Autograd kernel has nothing to do: skip it (torch's
+# own torch.library autograd wrapper does the same).
+_below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", contextlib.nullcontext)
+
+
+def fast_autograd(op, setup_context, backward):
+    """A callable equal to ``op(*inputs)`` with the autograd of ``setup_context`` / ``backward``
+    (the functions given to :func:`torch.library.register_autograd`), for the wrappers.
+
+    The op keeps its ``register_autograd`` registration for direct ``torch.ops`` calls and
+    ``opcheck``; the wrappers call this instead because that generic path costs tens of
+    microseconds a call in Python (argument normalisation, a redispatch), which is most of the time
+    of a small loss.  Without inputs that need a gradient it is the op call alone.
+    """
+
+    class _Fn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            with _below_autograd():
+                out = op(*inputs)
+            setup_context(ctx, inputs, out)
+            return out
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    _Fn.__name__ = _Fn.__qualname__ = f"{getattr(op, '__name__', 'op')}_autograd"
+
+    def call(*inputs):
+        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
+            return _Fn.apply(*inputs)
+        with _below_autograd():
+            return op(*inputs)
+
+    return call
 
 
 _registered = False

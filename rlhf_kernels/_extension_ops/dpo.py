@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._registry import code, register_impl
-from . import BACKENDS, NAMESPACE, f32_like
+from . import BACKENDS, NAMESPACE, f32_like, fast_autograd
 
 _ops = torch.ops.rlhf_kernels
 
@@ -35,9 +35,10 @@ def _backward(ctx, g_losses, g_chosen, g_rejected):
 
 
 torch.library.register_autograd(f"{NAMESPACE}::dpo_loss_fwd", _backward, setup_context=_setup_context)
+_dpo_loss_fwd = fast_autograd(_ops.dpo_loss_fwd, _setup_context, _backward)
 
 
 @register_impl(BACKENDS, "dpo_loss")
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type, label_smoothing):
-    return _ops.dpo_loss_fwd(policy_chosen, policy_rejected, ref_chosen, ref_rejected, float(beta),
+    return _dpo_loss_fwd(policy_chosen, policy_rejected, ref_chosen, ref_rejected, float(beta),
                              code("dpo_loss_type", loss_type), float(label_smoothing))

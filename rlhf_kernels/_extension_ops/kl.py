@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._registry import code, register_impl
-from . import BACKENDS, NAMESPACE, f32_like
+from . import BACKENDS, NAMESPACE, f32_like, fast_autograd
 
 _ops = torch.ops.rlhf_kernels
 
@@ -33,8 +33,9 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd(f"{NAMESPACE}::kl_penalty_fwd", _backward, setup_context=_setup_context)
+_kl_penalty_fwd = fast_autograd(_ops.kl_penalty_fwd, _setup_context, _backward)
 
 
 @register_impl(BACKENDS, "kl_penalty")
 def kl_penalty(logprobs, ref_logprobs, estimator):
-    return _ops.kl_penalty_fwd(logprobs, ref_logprobs, code("kl_estimator", estimator))
+    return _kl_penalty_fwd(logprobs, ref_logprobs, code("kl_estimator", estimator))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._registry import register_impl
-from . import BACKENDS, NAMESPACE, f32_like, zeros_if_none
+from . import BACKENDS, NAMESPACE, f32_like, fast_autograd, zeros_if_none
 
 _ops = torch.ops.rlhf_kernels
 
@@ -39,12 +39,13 @@ def _backward(ctx, g_lp, g_lse, g_ent):
 
 
 torch.library.register_autograd(f"{NAMESPACE}::token_logprobs_fwd", _backward, setup_context=_setup_context)
+_token_logprobs_fwd = fast_autograd(_ops.token_logprobs_fwd, _setup_context, _backward)
 
 
 @register_impl(BACKENDS, "token_logprobs")
 def token_logprobs(logits, labels, temperature, ignore_index, return_entropy):
     n = labels.numel()
-    lp, _, ent = _ops.token_logprobs_fwd(logits.reshape(n, logits.shape[-1]), labels.reshape(n),
+    lp, _, ent = _token_logprobs_fwd(logits.reshape(n, logits.shape[-1]), labels.reshape(n),
                                          float(temperature), int(ignore_index), bool(return_entropy))
     shape = labels.shape
     return lp.view(shape), (ent.view(shape) if return_entropy else None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._registry import code, register_impl
-from . import BACKENDS, NAMESPACE, as_rows, f32_like
+from . import BACKENDS, NAMESPACE, as_rows, f32_like, fast_autograd
 
 _ops = torch.ops.rlhf_kernels
 
@@ -59,6 +59,8 @@ def _value_backward(ctx, g_loss, g_cf, g_w):
 
 torch.library.register_autograd(f"{NAMESPACE}::ppo_policy_loss_fwd", _policy_backward, setup_context=_policy_setup)
 torch.library.register_autograd(f"{NAMESPACE}::ppo_value_loss_fwd", _value_backward, setup_context=_value_setup)
+_policy_fwd = fast_autograd(_ops.ppo_policy_loss_fwd, _policy_setup, _policy_backward)
+_value_fwd = fast_autograd(_ops.ppo_value_loss_fwd, _value_setup, _value_backward)
 
 
 def _optional_float(x):
@@ -67,15 +69,16 @@ def _optional_float(x):
 
 @register_impl(BACKENDS, "ppo_policy_loss")
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, agg):
-    loss, stats, _ = _ops.ppo_policy_loss_fwd(
+    loss, stats, _ = _policy_fwd(
         as_rows(logprobs), as_rows(old_logprobs), as_rows(advantages), as_rows(mask), float(clip_low),
         float(clip_high), _optional_float(dual_clip), code("agg", agg))
-    return loss, {"clipfrac": stats[0], "clipfrac_lower": stats[1], "approx_kl": stats[2]}
+    clipfrac, clipfrac_lower, approx_kl = stats.unbind()
+    return loss, {"clipfrac": clipfrac, "clipfrac_lower": clipfrac_lower, "approx_kl": approx_kl}
 
 
 @register_impl(BACKENDS, "ppo_value_loss")
 def ppo_value_loss(values, old_values, returns, mask, clip, agg):
-    loss, clipfrac, _ = _ops.ppo_value_loss_fwd(
+    loss, clipfrac, _ = _value_fwd(
         as_rows(values), as_rows(old_values), as_rows(returns), as_rows(mask), _optional_float(clip),
         code("agg", agg))
     return loss, {"clipfrac": clipfrac}

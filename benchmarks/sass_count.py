@@ -14,7 +14,7 @@ How the count is made (the same rule for every kernel):
 * the *elements per iteration* of a loop are the bytes its global loads of the logits bring in
   (``LDG``/``LDGSTS`` of 16, 8, 4 or 2 bytes each, ``.128`` = 16 bytes) divided by the element size;
 * the *main loop* of a kernel is the loop that handles the most elements per iteration (ties: the
-  larger body), and the figure reported is ``body instructions / elements per iteration`` for one
+  first in program order; in these kernels the bulk loop precedes the head/tail loop), and the figure reported is ``body instructions / elements per iteration`` for one
   thread, i.e. the instructions one thread issues per logit it reads.  Loops with no logits load
   (the ignored-row zero fill of a backward) are not candidates.
 
@@ -108,7 +108,8 @@ def main_loop(insns, elem_bytes: int):
     cands = [lp for lp in loops(insns, elem_bytes) if lp["elements"]]
     if not cands:
         return None
-    return max(cands, key=lambda lp: (lp["elements"], lp["body"]))
+    most = max(lp["elements"] for lp in cands)
+    return next(lp for lp in cands if lp["elements"] == most)  # ties: the first in program order
 
 
 def count_cubin(cubin: bytes | str, elem_bytes: int, func_filter=None) -> dict[str, dict]:
@@ -133,10 +134,10 @@ def count_cubin(cubin: bytes | str, elem_bytes: int, func_filter=None) -> dict[s
 
 # Scalar arguments of the kernels (old and new names), and the constexprs to pin at GPU settings.
 _SCALARS = {"T": "i32", "V": "i32", "V_MAIN": "i32", "stride_a": "i64", "stride_t": "i32", "stride_v": "i32",
-            "temperature": "fp32", "inv_t": "fp32", "scale_log2": "fp32", "ignore_index": "i64"}
+            "temperature": "fp32", "inv_t": "fp32", "scale": "fp32", "ignore_index": "i64"}
 
 
-def triton_case(kernel, dtype: str, constexprs: dict, num_warps: int):
+def triton_case(kernel, dtype: str, constexprs: dict, num_warps: int, aligned_shape: bool = True):
     """AOT signature of a token_logprobs kernel for contiguous ``dtype`` rows: pointers typed by name,
     stride_v pinned to 1 (what a JIT launch specialises for a unit stride), the vocabulary and
     strides marked divisible by 16 (what the JIT sees for V = 32000, 128256, 151936)."""
@@ -153,7 +154,7 @@ def triton_case(kernel, dtype: str, constexprs: dict, num_warps: int):
             sig[name], consts[name] = "constexpr", constexprs[name]
         else:
             sig[name] = _SCALARS[name]
-            if name in ("V", "V_MAIN", "stride_a", "stride_t"):
+            if aligned_shape and name in ("V", "V_MAIN", "stride_a", "stride_t"):
                 aligned.append(name)
     return {"kernel": kernel, "signature": sig, "constexprs": consts, "aligned": aligned, "num_warps": num_warps,
             "elem_bytes": 2 if dtype in ("bf16", "fp16") else 4}
@@ -170,19 +171,22 @@ def _triton_cases():
         fwd = getattr(lp, "_token_logprobs_fwd_kernel")
         bwd = getattr(lp, "_token_logprobs_bwd_kernel")
         gpu_cfg = getattr(lp, "gpu_config", None)
-        for kind, kernel, ent in (("fwd", fwd, True), ("fwd", fwd, False), ("bwd", bwd, True)):
+        for kind, kernel, ent, al in (("fwd", fwd, True, True), ("fwd", fwd, False, True), ("bwd", bwd, True, True),
+                                      ("fwd", fwd, True, False)):
             if gpu_cfg is not None:
                 block_v, num_warps = gpu_cfg(kind, dtype)
             else:  # before the autotuned version: the fixed H100 config of the old launcher
                 block_v = 8192 if dtype == "bf16" else 4096
                 num_warps = 16 if block_v > 4096 else 8
             consts = {"RETURN_ENTROPY": ent, "HAS_GRAD_LP": True, "HAS_GRAD_ENT": ent, "BLOCK_V": block_v,
-                      "SOFT_BF16": False, "VOCAB_CONTIG": True, "EVEN_V": True}
+                      "SOFT_BF16": False, "VOCAB_CONTIG": True,
+                      "ALIGN": 8 if dtype == "bf16" else 4, "OUT_ALIGNED": True, "FAST_EXP2": True}
             real = kernel
             while not hasattr(real, "arg_names"):  # an Autotuner / Heuristics wraps the JITFunction
                 real = real.fn
-            case = triton_case(real, dtype, consts, num_warps)
-            case["label"] = f"{kind} {dtype}" + (" ent" if ent else " noent") + f" BLOCK_V={block_v} w={num_warps}"
+            case = triton_case(real, dtype, consts, num_warps, aligned_shape=al)
+            case["label"] = (f"{kind} {dtype}" + (" ent" if ent else " noent") + ("" if al else " V%16!=0")
+                             + f" BLOCK_V={block_v} w={num_warps}")
             cases.append(case)
     return cases
 

@@ -13,8 +13,9 @@ How the count is made (the same rule for every kernel):
   rarely taken path that the compiler placed inside that range counts once, like any other);
 * the *elements per iteration* of a loop are the bytes its global loads of the logits bring in
   (``LDG``/``LDGSTS`` of 16, 8, 4 or 2 bytes each, ``.128`` = 16 bytes) divided by the element size;
-* the *main loop* of a kernel is the loop that handles the most elements per iteration (ties: the
-  first in program order; in these kernels the bulk loop precedes the head/tail loop), and the figure reported is ``body instructions / elements per iteration`` for one
+* the *main loop* of a kernel is the loop with the widest logits loads (the vectorized bulk loop, not a
+  scalar fallback), then the most elements per iteration, then the first in program order (in these
+  kernels the bulk loop precedes the head/tail loop), and the figure reported is ``body instructions / elements per iteration`` for one
   thread, i.e. the instructions one thread issues per logit it reads.  Loops with no logits load
   (the ignored-row zero fill of a backward) are not candidates.
 
@@ -108,6 +109,11 @@ def main_loop(insns, elem_bytes: int):
     cands = [lp for lp in loops(insns, elem_bytes) if lp["elements"]]
     if not cands:
         return None
+    def width(lp):
+        return max(_load_bytes(o) for o in lp["loads"])
+
+    widest = max(width(lp) for lp in cands)
+    cands = [lp for lp in cands if width(lp) == widest]
     most = max(lp["elements"] for lp in cands)
     return next(lp for lp in cands if lp["elements"] == most)  # ties: the first in program order
 
@@ -236,8 +242,9 @@ def cuda_counts():
                 dtype, eb = "fp16", 2
             else:
                 dtype, eb = "fp32", 4
+            ent = " ent" if "Lb1E" in name else (" noent" if "Lb0E" in name else "")  # the bool template argument
             ml = main_loop(insns, eb)
-            out[f"cuda {kind} {dtype}"] = {"function": name, "total_instructions": len(insns), "main_loop": ml}
+            out[f"cuda {kind} {dtype}{ent}"] = {"function": name, "total_instructions": len(insns), "main_loop": ml}
     return out
 
 

@@ -219,30 +219,46 @@ _AOT_SCRIPT = textwrap.dedent("""
         return k
 
     # token_logprobs at H100 launch settings, contiguous bf16 rows (stride_v specialised to 1, as a
-    # JIT launch does): the logits loads must be 16-byte vector loads.
+    # JIT launch does): the logits loads must be 16-byte vector loads, exp2 one ex2.approx.ftz.
     lp_sig = {"logits_ptr": "*bf16", "labels_ptr": "*i64", "logprob_ptr": "*fp32", "lse_ptr": "*fp32",
               "entropy_ptr": "*fp32", "T": "i32", "V": "i32", "stride_a": "i64", "stride_t": "i32",
-              "stride_v": "constexpr", "temperature": "fp32", "ignore_index": "i64",
-              "RETURN_ENTROPY": "constexpr", "BLOCK_V": "constexpr", "VOCAB_CONTIG": "constexpr"}
-    k = build(logprobs._token_logprobs_fwd_kernel, lp_sig,
-              {"stride_v": 1, "RETURN_ENTROPY": True, "BLOCK_V": 8192, "VOCAB_CONTIG": True},
+              "stride_v": "constexpr", "scale": "fp32", "ignore_index": "i64",
+              "RETURN_ENTROPY": "constexpr", "BLOCK_V": "constexpr", "VOCAB_CONTIG": "constexpr",
+              "ALIGN": "constexpr", "FAST_EXP2": "constexpr"}
+    fwd_c = {"stride_v": 1, "RETURN_ENTROPY": True, "BLOCK_V": 8192, "VOCAB_CONTIG": True, "ALIGN": 8,
+             "FAST_EXP2": True}
+    k = build(logprobs._token_logprobs_fwd_kernel, lp_sig, fwd_c,
               aligned=("logits_ptr", "V", "stride_a", "stride_t"), num_warps=16)
     assert "ld.global.v4.b32" in k.asm["ptx"], "logits loads are not vectorized"
+    assert "ex2.approx.ftz.f32" in k.asm["ptx"], "exp2 is not the ftz approximation"
+    # V and the row strides NOT multiples of 16 (V = 32001): the aligned main loop still vectorizes.
+    k = build(logprobs._token_logprobs_fwd_kernel, lp_sig, fwd_c, aligned=("logits_ptr",), num_warps=16)
+    assert "ld.global.v4.b32" in k.asm["ptx"], "no vector loads when V is not a multiple of 16"
+    for bv, nw in logprobs._GPU_CONFIGS:  # every autotune config lowers (entropy off, fp32 rows)
+        build(logprobs._token_logprobs_fwd_kernel, {**lp_sig, "logits_ptr": "*fp32"},
+              {**fwd_c, "RETURN_ENTROPY": False, "BLOCK_V": bv, "ALIGN": 4}, aligned=("logits_ptr",), num_warps=nw)
     # A vocabulary stride other than 1: the 64-bit column offsets must compile too.
     build(logprobs._token_logprobs_fwd_kernel, {**lp_sig, "stride_v": "i32"},
-          {"RETURN_ENTROPY": True, "BLOCK_V": 8192, "VOCAB_CONTIG": False}, num_warps=16)
+          {"RETURN_ENTROPY": True, "BLOCK_V": 8192, "VOCAB_CONTIG": False, "ALIGN": 1, "FAST_EXP2": True},
+          num_warps=16)
     bwd_sig = {"grad_lp_ptr": "*fp32", "grad_ent_ptr": "*fp32", "logits_ptr": "*bf16", "labels_ptr": "*i64",
                "lse_ptr": "*fp32", "entropy_ptr": "*fp32", "grad_logits_ptr": "*bf16", "T": "i32", "V": "i32",
-               "stride_a": "i64", "stride_t": "i32", "stride_v": "constexpr", "temperature": "fp32",
+               "stride_a": "i64", "stride_t": "i32", "stride_v": "constexpr", "scale": "fp32", "inv_t": "fp32",
                "ignore_index": "i64", "HAS_GRAD_LP": "constexpr", "HAS_GRAD_ENT": "constexpr",
-               "BLOCK_V": "constexpr", "SOFT_BF16": "constexpr", "VOCAB_CONTIG": "constexpr"}
-    k = build(logprobs._token_logprobs_bwd_kernel, bwd_sig,
-              {"stride_v": 1, "HAS_GRAD_LP": True, "HAS_GRAD_ENT": True, "BLOCK_V": 8192, "SOFT_BF16": False,
-               "VOCAB_CONTIG": True},
+               "BLOCK_V": "constexpr", "SOFT_BF16": "constexpr", "VOCAB_CONTIG": "constexpr",
+               "ALIGN": "constexpr", "OUT_ALIGNED": "constexpr", "FAST_EXP2": "constexpr"}
+    bwd_c = {"stride_v": 1, "HAS_GRAD_LP": True, "HAS_GRAD_ENT": True, "BLOCK_V": 8192, "SOFT_BF16": False,
+             "VOCAB_CONTIG": True, "ALIGN": 8, "OUT_ALIGNED": True, "FAST_EXP2": True}
+    k = build(logprobs._token_logprobs_bwd_kernel, bwd_sig, bwd_c,
               aligned=("logits_ptr", "grad_logits_ptr", "V", "stride_a", "stride_t"), num_warps=16)
+    assert "ld.global.v4.b32" in k.asm["ptx"], "backward logits loads are not vectorized"
     assert "st.global.v4.b32" in k.asm["ptx"], "gradient stores are not vectorized"
+    k = build(logprobs._token_logprobs_bwd_kernel, bwd_sig, bwd_c, aligned=("logits_ptr", "grad_logits_ptr"),
+              num_warps=16)
+    assert "st.global.v4.b32" in k.asm["ptx"], "no vector stores when V is not a multiple of 16"
     build(logprobs._token_logprobs_bwd_kernel, {**bwd_sig, "stride_v": "i32"},
-          {"HAS_GRAD_LP": True, "HAS_GRAD_ENT": True, "BLOCK_V": 8192, "SOFT_BF16": False, "VOCAB_CONTIG": False},
+          {"HAS_GRAD_LP": True, "HAS_GRAD_ENT": True, "BLOCK_V": 8192, "SOFT_BF16": False, "VOCAB_CONTIG": False,
+           "ALIGN": 1, "OUT_ALIGNED": False, "FAST_EXP2": True},
           num_warps=16)
 
     build(kl._kl_fwd_kernel, {"lp_ptr": "*fp32", "ref_ptr": "*bf16", "out_ptr": "*fp32", "n": "i32",

@@ -1,4 +1,4 @@
-// CUDA glue of gae: takes tensors and the current stream, calls the raw-pointer launchers of
+// CUDA glue of gae: checks the tensors (device, dtype, shape), guards their device, calls the raw-pointer launchers of
 // csrc/cuda/gae.cu and registers the CUDA implementations.  Compiled only in CUDA builds.
 #include "glue.h"
 
@@ -20,24 +20,36 @@ int gae_backward(const float* g_adv, const float* g_ret, const bool* mask, int64
 namespace cuda {
 
 Tensor2 gae_fwd(const Tensor& rewards, const Tensor& values, const Tensor& mask, double gamma, double lam) {
-  c10::cuda::CUDAGuard guard(rewards.device());
+  Args g("gae_fwd", {{"rewards", &rewards}, {"values", &values}, {"mask", &mask}});
+  g.dims("rewards", rewards, 2);
+  g.floating("rewards", rewards);
+  g.floating("values", values);
+  g.mask("mask", mask);
+  g.same_shape("values", values, "rewards", rewards);
+  g.same_shape("mask", mask, "rewards", rewards);
   const Tensor r = f32(rewards), v = f32(values), m = as_bool(mask);
   const int64_t B = r.size(0), T = r.size(1);
   Tensor adv = at::empty({B, T}, r.options()), ret = at::empty({B, T}, r.options());
   check(L::gae_forward(fp(r), fp(v), m.data_ptr<bool>(), B, T, static_cast<float>(gamma), static_cast<float>(gamma * lam),
-                       fp(adv), fp(ret), stream()),
+                       fp(adv), fp(ret), g.stream()),
         "gae_fwd");
   return {adv, ret};
 }
 
 Tensor2 gae_bwd(const Tensor& grad_advantages, const Tensor& grad_returns, const Tensor& mask, double gamma,
                 double lam) {
-  c10::cuda::CUDAGuard guard(mask.device());
+  Args g("gae_bwd", {{"mask", &mask}, {"grad_advantages", &grad_advantages}, {"grad_returns", &grad_returns}});
+  g.dims("mask", mask, 2);
+  g.mask("mask", mask);
+  g.floating("grad_advantages", grad_advantages);
+  g.floating("grad_returns", grad_returns);
+  g.same_shape("grad_advantages", grad_advantages, "mask", mask);
+  g.same_shape("grad_returns", grad_returns, "mask", mask);
   const Tensor gA = f32(grad_advantages), gR = f32(grad_returns), m = as_bool(mask);
   const int64_t B = m.size(0), T = m.size(1);
   Tensor dr = at::empty({B, T}, gA.options()), dv = at::empty({B, T}, gA.options());
   check(L::gae_backward(fp(gA), fp(gR), m.data_ptr<bool>(), B, T, static_cast<float>(gamma),
-                        static_cast<float>(gamma * lam), fp(dr), fp(dv), stream()),
+                        static_cast<float>(gamma * lam), fp(dr), fp(dv), g.stream()),
         "gae_bwd");
   return {dr, dv};
 }

@@ -1,4 +1,4 @@
-// CUDA glue of kl_penalty: takes tensors and the current stream, calls the raw-pointer launchers of
+// CUDA glue of kl_penalty: checks the tensors (device, dtype, shape), guards their device, calls the raw-pointer launchers of
 // csrc/cuda/kl.cu and registers the CUDA implementations.  Compiled only in CUDA builds.
 #include "glue.h"
 
@@ -19,19 +19,29 @@ int kl_penalty_backward(const float* grad, const float* logprobs, const float* r
 namespace cuda {
 
 Tensor kl_penalty_fwd(const Tensor& logprobs, const Tensor& ref_logprobs, int64_t estimator) {
-  c10::cuda::CUDAGuard guard(logprobs.device());
+  Args g("kl_penalty_fwd", {{"logprobs", &logprobs}, {"ref_logprobs", &ref_logprobs}});
+  g.floating("logprobs", logprobs);
+  g.floating("ref_logprobs", ref_logprobs);
+  g.same_shape("ref_logprobs", ref_logprobs, "logprobs", logprobs);
   const Tensor a = f32(logprobs), b = f32(ref_logprobs);
   Tensor out = at::empty(a.sizes(), a.options());
-  check(L::kl_penalty_forward(fp(a), fp(b), a.numel(), static_cast<int>(estimator), fp(out), stream()), "kl_penalty_fwd");
+  check(L::kl_penalty_forward(fp(a), fp(b), a.numel(), static_cast<int>(estimator), fp(out), g.stream()),
+        "kl_penalty_fwd");
   return out;
 }
 
 Tensor2 kl_penalty_bwd(const Tensor& grad, const Tensor& logprobs, const Tensor& ref_logprobs, int64_t estimator) {
-  c10::cuda::CUDAGuard guard(logprobs.device());
+  Args c("kl_penalty_bwd", {{"logprobs", &logprobs}, {"ref_logprobs", &ref_logprobs}, {"grad", &grad}});
+  c.floating("logprobs", logprobs);
+  c.floating("ref_logprobs", ref_logprobs);
+  c.floating("grad", grad);
+  c.same_shape("ref_logprobs", ref_logprobs, "logprobs", logprobs);
+  c.same_shape("grad", grad, "logprobs", logprobs);
   const Tensor a = f32(logprobs), b = f32(ref_logprobs), g = f32(grad);
   Tensor ga = at::empty(a.sizes(), a.options()), gb = at::empty(a.sizes(), a.options());
-  check(L::kl_penalty_backward(fp(g), fp(a), fp(b), a.numel(), static_cast<int>(estimator), fp(ga), fp(gb), stream()),
-                               "kl_penalty_bwd");
+  check(L::kl_penalty_backward(fp(g), fp(a), fp(b), a.numel(), static_cast<int>(estimator), fp(ga), fp(gb),
+                               c.stream()),
+        "kl_penalty_bwd");
   return {ga.to(logprobs.scalar_type()), gb.to(ref_logprobs.scalar_type())};
 }
 

@@ -1,4 +1,4 @@
-// CUDA glue of ppo_policy_loss and ppo_value_loss: takes tensors and the current stream, calls the raw-pointer launchers of
+// CUDA glue of ppo_policy_loss and ppo_value_loss: checks the tensors (device, dtype, shape), guards their device, calls the raw-pointer launchers of
 // csrc/cuda/ppo.cu and registers the CUDA implementations.  Compiled only in CUDA builds.
 #include "glue.h"
 
@@ -33,7 +33,15 @@ namespace cuda {
 Tensor3 ppo_policy_loss_fwd(const Tensor& logprobs, const Tensor& old_logprobs, const Tensor& advantages,
                             const Tensor& mask, double clip_low, double clip_high, std::optional<double> dual_clip,
                             int64_t agg) {
-  c10::cuda::CUDAGuard guard(logprobs.device());
+  Args g("ppo_policy_loss_fwd", {{"logprobs", &logprobs}, {"old_logprobs", &old_logprobs}, {"advantages", &advantages}, {"mask", &mask}});
+  g.dims("logprobs", logprobs, 2);
+  g.floating("logprobs", logprobs);
+  g.floating("old_logprobs", old_logprobs);
+  g.same_shape("old_logprobs", old_logprobs, "logprobs", logprobs);
+  g.floating("advantages", advantages);
+  g.same_shape("advantages", advantages, "logprobs", logprobs);
+  g.mask("mask", mask);
+  g.same_shape("mask", mask, "logprobs", logprobs);
   const Tensor lp = f32(logprobs), old = f32(old_logprobs), adv = f32(advantages), m = as_bool(mask);
   const int64_t B = lp.size(0), T = lp.size(1);
   Tensor ws = at::empty({B * 5}, lp.options()), loss = at::empty({}, lp.options()), stats = at::empty({3}, lp.options()),
@@ -41,7 +49,7 @@ Tensor3 ppo_policy_loss_fwd(const Tensor& logprobs, const Tensor& old_logprobs, 
   check(L::ppo_policy_loss_forward(fp(lp), fp(old), fp(adv), m.data_ptr<bool>(), B, T, static_cast<float>(clip_low),
                                    static_cast<float>(clip_high), dual_clip.has_value(),
                           static_cast<float>(dual_clip.value_or(0.0)), static_cast<int>(agg), fp(ws), fp(loss),
-                          fp(stats), fp(w), stream()),
+                          fp(stats), fp(w), g.stream()),
         "ppo_policy_loss_fwd");
   return {loss, stats, w};
 }
@@ -49,29 +57,49 @@ Tensor3 ppo_policy_loss_fwd(const Tensor& logprobs, const Tensor& old_logprobs, 
 Tensor3 ppo_policy_loss_bwd(const Tensor& grad_loss, const Tensor& logprobs, const Tensor& old_logprobs,
                             const Tensor& advantages, const Tensor& mask, const Tensor& row_weight, double clip_low,
                             double clip_high, std::optional<double> dual_clip) {
-  c10::cuda::CUDAGuard guard(logprobs.device());
+  Args g("ppo_policy_loss_bwd", {{"logprobs", &logprobs}, {"old_logprobs", &old_logprobs}, {"advantages", &advantages}, {"mask", &mask}, {"row_weight", &row_weight}, {"grad_loss", &grad_loss}});
+  g.dims("logprobs", logprobs, 2);
+  g.floating("logprobs", logprobs);
+  g.floating("old_logprobs", old_logprobs);
+  g.same_shape("old_logprobs", old_logprobs, "logprobs", logprobs);
+  g.floating("advantages", advantages);
+  g.same_shape("advantages", advantages, "logprobs", logprobs);
+  g.mask("mask", mask);
+  g.same_shape("mask", mask, "logprobs", logprobs);
+  g.floating("row_weight", row_weight);
+  g.numel("row_weight", row_weight, logprobs.size(0));
+  g.floating("grad_loss", grad_loss);
+  g.numel("grad_loss", grad_loss.reshape(-1), 1);
   const Tensor lp = f32(logprobs), old = f32(old_logprobs), adv = f32(advantages), m = as_bool(mask);
-  const Tensor w = f32(row_weight), g = f32(grad_loss);
+  const Tensor w = f32(row_weight), gl = f32(grad_loss);
   const int64_t B = lp.size(0), T = lp.size(1);
   Tensor dlp = at::empty({B, T}, lp.options()), dold = at::empty({B, T}, lp.options()),
          dadv = at::empty({B, T}, lp.options());
-  check(L::ppo_policy_loss_backward(fp(g), fp(lp), fp(old), fp(adv), m.data_ptr<bool>(), fp(w), B, T,
+  check(L::ppo_policy_loss_backward(fp(gl), fp(lp), fp(old), fp(adv), m.data_ptr<bool>(), fp(w), B, T,
                                     static_cast<float>(clip_low), static_cast<float>(clip_high), dual_clip.has_value(),
-                          static_cast<float>(dual_clip.value_or(0.0)), fp(dlp), fp(dold), fp(dadv), stream()),
+                          static_cast<float>(dual_clip.value_or(0.0)), fp(dlp), fp(dold), fp(dadv), g.stream()),
         "ppo_policy_loss_bwd");
   return {dlp.to(logprobs.scalar_type()), dold.to(old_logprobs.scalar_type()), dadv.to(advantages.scalar_type())};
 }
 
 Tensor3 ppo_value_loss_fwd(const Tensor& values, const Tensor& old_values, const Tensor& returns, const Tensor& mask,
                            std::optional<double> clip, int64_t agg) {
-  c10::cuda::CUDAGuard guard(values.device());
+  Args g("ppo_value_loss_fwd", {{"values", &values}, {"old_values", &old_values}, {"returns", &returns}, {"mask", &mask}});
+  g.dims("values", values, 2);
+  g.floating("values", values);
+  g.floating("old_values", old_values);
+  g.same_shape("old_values", old_values, "values", values);
+  g.floating("returns", returns);
+  g.same_shape("returns", returns, "values", values);
+  g.mask("mask", mask);
+  g.same_shape("mask", mask, "values", values);
   const Tensor v = f32(values), old = f32(old_values), ret = f32(returns), m = as_bool(mask);
   const int64_t B = v.size(0), T = v.size(1);
   Tensor ws = at::empty({B * 5}, v.options()), loss = at::empty({}, v.options()), cf = at::empty({}, v.options()),
          w = at::empty({B}, v.options());
   check(L::ppo_value_loss_forward(fp(v), fp(old), fp(ret), m.data_ptr<bool>(), B, T, clip.has_value(),
                          static_cast<float>(clip.value_or(0.0)), static_cast<int>(agg), fp(ws), fp(loss), fp(cf),
-                         fp(w), stream()),
+                         fp(w), g.stream()),
         "ppo_value_loss_fwd");
   return {loss, cf, w};
 }
@@ -79,14 +107,26 @@ Tensor3 ppo_value_loss_fwd(const Tensor& values, const Tensor& old_values, const
 Tensor3 ppo_value_loss_bwd(const Tensor& grad_loss, const Tensor& values, const Tensor& old_values,
                            const Tensor& returns, const Tensor& mask, const Tensor& row_weight,
                            std::optional<double> clip) {
-  c10::cuda::CUDAGuard guard(values.device());
+  Args g("ppo_value_loss_bwd", {{"values", &values}, {"old_values", &old_values}, {"returns", &returns}, {"mask", &mask}, {"row_weight", &row_weight}, {"grad_loss", &grad_loss}});
+  g.dims("values", values, 2);
+  g.floating("values", values);
+  g.floating("old_values", old_values);
+  g.same_shape("old_values", old_values, "values", values);
+  g.floating("returns", returns);
+  g.same_shape("returns", returns, "values", values);
+  g.mask("mask", mask);
+  g.same_shape("mask", mask, "values", values);
+  g.floating("row_weight", row_weight);
+  g.numel("row_weight", row_weight, values.size(0));
+  g.floating("grad_loss", grad_loss);
+  g.numel("grad_loss", grad_loss.reshape(-1), 1);
   const Tensor v = f32(values), old = f32(old_values), ret = f32(returns), m = as_bool(mask);
-  const Tensor w = f32(row_weight), g = f32(grad_loss);
+  const Tensor w = f32(row_weight), gl = f32(grad_loss);
   const int64_t B = v.size(0), T = v.size(1);
   Tensor dv = at::empty({B, T}, v.options()), dold = at::empty({B, T}, v.options()),
          dret = at::empty({B, T}, v.options());
-  check(L::ppo_value_loss_backward(fp(g), fp(v), fp(old), fp(ret), m.data_ptr<bool>(), fp(w), B, T, clip.has_value(),
-                                   static_cast<float>(clip.value_or(0.0)), fp(dv), fp(dold), fp(dret), stream()),
+  check(L::ppo_value_loss_backward(fp(gl), fp(v), fp(old), fp(ret), m.data_ptr<bool>(), fp(w), B, T, clip.has_value(),
+                                   static_cast<float>(clip.value_or(0.0)), fp(dv), fp(dold), fp(dret), g.stream()),
         "ppo_value_loss_bwd");
   return {dv.to(values.scalar_type()), dold.to(old_values.scalar_type()), dret.to(returns.scalar_type())};
 }

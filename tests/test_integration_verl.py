@@ -13,10 +13,12 @@ try:
     verl_F = importlib.import_module("verl.utils.torch_functional")
     from omegaconf import OmegaConf
 except Exception as exc:  # noqa: BLE001 - any import failure of the peer means skip
-    pytest.skip(f"verl is not importable here ({type(exc).__name__}: {exc}); pip install '.[verl]'",
-                allow_module_level=True)
+    pytest.skip(
+        f"verl is not importable here ({type(exc).__name__}: {exc}); pip install '.[verl]'",
+        allow_module_level=True,
+    )
 
-from rlhf_kernels.integrations import verl as rk_verl  # noqa: E402
+from rlhf_kernels.integrations import verl as rk_verl
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +41,13 @@ def _batch(seed, b=6, t=9):
 
 
 def _config(**over):
-    cfg = dict(clip_ratio=0.2, clip_ratio_low=None, clip_ratio_high=None, clip_ratio_c=3.0, global_batch_info={})
+    cfg = {
+        "clip_ratio": 0.2,
+        "clip_ratio_low": None,
+        "clip_ratio_high": None,
+        "clip_ratio_c": 3.0,
+        "global_batch_info": {},
+    }
     cfg.update(over)
     return OmegaConf.create(cfg)
 
@@ -81,7 +89,9 @@ def test_policy_loss_rollout_weights_equal_verl():
     weights[2, :2] = 0.0  # rejected tokens
     cfg = _config(clip_ratio_high=0.3)
     loss, metrics = rk_verl.compute_policy_loss(old, new, adv, mask, "token-mean", cfg, weights)
-    loss_p, metrics_p = core_algos.compute_policy_loss_vanilla(old, new, adv, mask, "token-mean", cfg, weights)
+    loss_p, metrics_p = core_algos.compute_policy_loss_vanilla(
+        old, new, adv, mask, "token-mean", cfg, weights
+    )
     torch.testing.assert_close(loss, loss_p, rtol=1e-5, atol=1e-6)
     assert metrics == pytest.approx(metrics_p, rel=1e-5, abs=1e-6)
 
@@ -118,18 +128,28 @@ def test_helpers_equal_verl_and_keep_gradients():
     labels = torch.randint(0, 33, (3, 5), generator=g)
     peer_logits = logits.detach().clone().requires_grad_()
     lp, ent = rk_verl.logprobs_from_logits(logits, labels), rk_verl.entropy_from_logits(logits)
-    lp_p, ent_p = verl_F.logprobs_from_logits_naive(peer_logits, labels), verl_F.entropy_from_logits(peer_logits)
+    lp_p, ent_p = (
+        verl_F.logprobs_from_logits_naive(peer_logits, labels),
+        verl_F.entropy_from_logits(peer_logits),
+    )
     torch.testing.assert_close(lp, lp_p, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ent, ent_p, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(rk_verl.entropy_from_logits_with_chunking(logits, 2), ent_p, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        rk_verl.entropy_from_logits_with_chunking(logits, 2), ent_p, rtol=1e-5, atol=1e-5
+    )
     (lp.sum() + ent.sum()).backward()
     (lp_p.sum() + ent_p.sum()).backward()
     torch.testing.assert_close(logits.grad, peer_logits.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_apply_registers_patches_and_undo_restores(monkeypatch):
-    actor_mods = [m for n, m in list(sys.modules.items()) if n.startswith("verl.") and m is not None
-                  and vars(m).get("logprobs_from_logits") is verl_F.logprobs_from_logits]
+    actor_mods = [
+        m
+        for n, m in list(sys.modules.items())
+        if n.startswith("verl.")
+        and m is not None
+        and vars(m).get("logprobs_from_logits") is verl_F.logprobs_from_logits
+    ]
     original_lp = verl_F.logprobs_from_logits
     original_ent = verl_F.entropy_from_logits
     original_vanilla = core_algos.get_policy_loss_fn("vanilla")
@@ -175,10 +195,6 @@ def test_apply_registers_patches_and_undo_restores(monkeypatch):
 
 def test_actor_module_imported_after_apply_gets_original_back_on_undo():
     name = "verl.workers.engine.fsdp.transformer_impl"
-    try:
-        importlib.import_module("verl.utils.torch_functional")
-    except Exception as exc:  # pragma: no cover
-        pytest.skip(str(exc))
     rk_verl.apply()
     try:
         module = importlib.import_module(name)

@@ -33,7 +33,13 @@ from ._patch import Patches, rebind_late_imports
 
 POLICY_LOSS_NAME = "rlhf_kernels"
 ADV_ESTIMATOR_NAME = "rlhf_kernels_gae"
-_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+_AGG_MODES = (
+    "token-mean",
+    "token-sum",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-sum-norm",
+)
 
 _patches = Patches()
 _late = []  # (prefix, name, ours, original) to rebind on undo
@@ -42,7 +48,9 @@ _late = []  # (prefix, name, ours, original) to rebind on undo
 # ----------------------------------------------------------------------------- helpers verl's actor calls
 
 
-def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, inplace_backward: bool = True) -> torch.Tensor:
+def logprobs_from_logits(
+    logits: torch.Tensor, labels: torch.Tensor, inplace_backward: bool = True
+) -> torch.Tensor:
     """verl's ``logprobs_from_logits(logits [..., V], labels [...])`` -> float32 ``[...]`` with our kernel.
 
     ``inplace_backward`` is accepted for verl's signature: our backward never keeps an fp32 ``[N, V]``
@@ -136,7 +144,12 @@ def compute_policy_loss(
         info.get("global_batch_size"),
         info.get("loss_scale_factor"),
     )
-    kwargs = dict(clip_low=float(clip_low), clip_high=float(clip_high), dual_clip=float(clip_c), agg=agg)
+    kwargs = {
+        "clip_low": float(clip_low),
+        "clip_high": float(clip_high),
+        "dual_clip": float(clip_c),
+        "agg": agg,
+    }
     # Rollout importance weights w >= 0 scale each token's loss: w * pg(A) == pg(w * A) for the
     # clipped and dual-clipped terms alike, so they fold into the advantages.
     adv = advantages if rollout_is_weights is None else advantages * rollout_is_weights

@@ -205,3 +205,37 @@ def test_actor_module_imported_after_apply_gets_original_back_on_undo():
     rk_verl.undo()
     assert module.logprobs_from_logits is verl_F.logprobs_from_logits
     assert verl_F.logprobs_from_logits.__module__ == "verl.utils.torch_functional"
+
+
+@pytest.mark.parametrize("mode", ["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3"])
+def test_kl_penalty_equals_verl_including_its_clamps(mode):
+    g = torch.Generator().manual_seed(9)
+    logprob = torch.randn(4, 8, generator=g) * 3
+    ref = torch.randn(4, 8, generator=g) * 3
+    logprob[0, 0], ref[0, 0] = -30.0, -2.0  # log-ratio beyond -20: verl clamps it
+    logprob[0, 1], ref[0, 1] = -14.0, -1.0  # k3 above 10: verl clamps the result
+    lp, lp_p = logprob.clone().requires_grad_(), logprob.clone().requires_grad_()
+    out = rk_verl.kl_penalty_forward(lp, ref, mode)
+    out_p = core_algos.kl_penalty_forward(lp_p, ref, mode)
+    torch.testing.assert_close(out, out_p, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    out_p.sum().backward()
+    torch.testing.assert_close(lp.grad, lp_p.grad, rtol=1e-5, atol=1e-5)
+    if mode in ("low_var_kl", "k3"):  # our own k3 keeps its unclamped definition
+        assert rk.kl_penalty(logprob, ref, estimator="k3")[0, 1] > 10.0
+
+
+def test_kl_penalty_through_verl_after_apply_straight_through_too(monkeypatch):
+    g = torch.Generator().manual_seed(10)
+    logprob, ref = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    expected = {m: core_algos.kl_penalty(logprob, ref, m) for m in ("low_var_kl", "k3+", "abs")}
+    calls = []
+    real = rk.kl_penalty
+    monkeypatch.setattr(rk, "kl_penalty", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with rk_verl.applied():
+        for mode, value in expected.items():
+            torch.testing.assert_close(core_algos.kl_penalty(logprob, ref, mode), value, rtol=1e-5, atol=1e-6)
+        with pytest.raises(NotImplementedError):  # "full" stays verl's
+            core_algos.kl_penalty(logprob, ref, "full")
+    assert len(calls) == 3
+    assert core_algos.kl_penalty_forward.__module__ == "verl.trainer.ppo.core_algos"

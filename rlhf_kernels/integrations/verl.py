@@ -13,6 +13,7 @@ What ``apply()`` changes (each undone by ``undo()``):
 - ``core_algos.ADV_ESTIMATOR_REGISTRY``: ``"rlhf_kernels_gae"`` (and ``"gae"``) -> :func:`compute_gae_advantage_return`,
   registered with ``register_adv_est``; ``core_algos.compute_gae_advantage_return`` too, because verl's
   trainer calls that name directly for ``adv_estimator=gae`` (the only estimator it passes values to).
+- ``core_algos.kl_penalty_forward`` (what ``kl_penalty`` calls, ``k3+`` included) -> :func:`kl_penalty_forward`.
 - ``logprobs_from_logits`` in ``verl.utils.torch_functional`` and in every loaded ``verl.*`` module that
   imported it by name; ``entropy_from_logits`` and ``entropy_from_logits_with_chunking`` in
   ``verl.utils.torch_functional`` (verl's engines read them from there).
@@ -43,6 +44,7 @@ _AGG_MODES = (
 
 _patches = Patches()
 _late = []  # (prefix, name, ours, original) to rebind on undo
+_originals = {}  # verl functions the adapter falls back to while patched
 
 
 # ----------------------------------------------------------------------------- helpers verl's actor calls
@@ -168,6 +170,29 @@ def compute_policy_loss(
     return loss * factor, metrics
 
 
+# ----------------------------------------------------------------------------- KL penalty
+
+_KL_MODES = {"kl": "k1", "k1": "k1", "abs": "abs", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3"}
+
+
+def kl_penalty_forward(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty: str) -> torch.Tensor:
+    """verl's ``kl_penalty_forward`` on our kernel: per-token KL ``[...]`` float32.
+
+    As verl, ``low_var_kl``/``k3`` clamps the log-ratio to +-20 and the result to +-10 (our
+    :func:`rlhf_kernels.kl_penalty` clamps neither).  Other modes (``full``) go to verl's own function.
+    """
+    estimator = _KL_MODES.get(kl_penalty)
+    if estimator is None:
+        original = _originals.get("kl_penalty_forward")
+        if original is None:
+            original = importlib.import_module("verl.trainer.ppo.core_algos").kl_penalty_forward
+        return original(logprob, ref_logprob, kl_penalty)
+    if estimator != "k3":
+        return rk.kl_penalty(logprob, ref_logprob, estimator=estimator)
+    log_ratio = torch.clamp(logprob.float() - ref_logprob.float(), -20.0, 20.0)
+    return rk.kl_penalty(log_ratio, torch.zeros_like(log_ratio), estimator="k3").clamp(-10.0, 10.0)
+
+
 # ----------------------------------------------------------------------------- GAE
 
 
@@ -223,7 +248,7 @@ def compute_gae_advantage_return(
 # ----------------------------------------------------------------------------- apply / undo
 
 
-def apply(*, policy_loss=True, gae=True, logprobs=True, entropy=True, replace_defaults=True) -> None:
+def apply(*, policy_loss=True, gae=True, kl=True, logprobs=True, entropy=True, replace_defaults=True) -> None:
     """Route verl to our kernels (idempotent). ``replace_defaults`` also maps ``vanilla`` and ``gae``."""
     if _patches:
         return
@@ -244,6 +269,9 @@ def apply(*, policy_loss=True, gae=True, logprobs=True, entropy=True, replace_de
             if replace_defaults:
                 _patches.set_item(registry, "gae", compute_gae_advantage_return)
                 _patches.set(core_algos, "compute_gae_advantage_return", compute_gae_advantage_return)
+        if kl:
+            _originals["kl_penalty_forward"] = core_algos.kl_penalty_forward
+            _patches.set(core_algos, "kl_penalty_forward", kl_penalty_forward)
         if logprobs:
             original = verl_f.logprobs_from_logits
             _patches.rebind_imported("verl", "logprobs_from_logits", original, logprobs_from_logits)
@@ -259,6 +287,7 @@ def apply(*, policy_loss=True, gae=True, logprobs=True, entropy=True, replace_de
 def undo() -> None:
     """Put back everything :func:`apply` changed (no-op when nothing is applied)."""
     _patches.undo()
+    _originals.clear()
     while _late:
         rebind_late_imports(*_late.pop())
 

@@ -269,3 +269,13 @@ def test_uncovered_policy_modes_keep_openrlhf_forward(monkeypatch):
         got = peer(new, old, adv, mask, rollout_log_probs=old)
     assert not called
     torch.testing.assert_close(got[0], expected[0])
+
+
+def test_apply_without_an_importable_module_says_what_to_install_and_changes_nothing(monkeypatch):
+    forward = peer_loss.PolicyLoss.forward
+    monkeypatch.setitem(sys.modules, "openrlhf.trainer.ppo_utils.experience_maker", None)
+    with pytest.raises(ImportError, match=r"rlhf-kernels\[openrlhf\]"):
+        rk_openrlhf.apply()  # gae=True needs experience_maker: the patches made before it are undone
+    assert not rk_openrlhf.is_applied()
+    assert peer_loss.PolicyLoss.forward is forward
+    assert peer_utils.log_probs_from_logits.__module__ == "openrlhf.models.utils"

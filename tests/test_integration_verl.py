@@ -239,3 +239,10 @@ def test_kl_penalty_through_verl_after_apply_straight_through_too(monkeypatch):
             core_algos.kl_penalty(logprob, ref, "full")
     assert len(calls) == 3
     assert core_algos.kl_penalty_forward.__module__ == "verl.trainer.ppo.core_algos"
+
+
+def test_apply_without_the_peer_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "verl.trainer.ppo.core_algos", None)
+    with pytest.raises(ImportError, match=r"rlhf-kernels\[verl\]"):
+        rk_verl.apply()
+    assert not rk_verl.is_applied()

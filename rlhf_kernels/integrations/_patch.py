@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
+
+
+def import_peer(module_name: str, extra: str):
+    """Import a peer module, or say which package is missing and how to get it."""
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImportError(
+            f"rlhf_kernels.integrations needs {module_name}, which does not import here ({exc}); "
+            f"install the peer: pip install 'rlhf-kernels[{extra}]' (see docs/integrations.md)"
+        ) from exc
 
 
 class Patches:

@@ -21,13 +21,12 @@ The adapter reproduces OpenRLHF's conventions, not ours (docs/integrations.md li
 from __future__ import annotations
 
 import contextlib
-import importlib
 
 import torch
 
 import rlhf_kernels as rk
 
-from ._patch import Patches, rebind_late_imports
+from ._patch import Patches, import_peer, rebind_late_imports
 
 _patches = Patches()
 _late = []
@@ -190,7 +189,7 @@ def apply(*, logprobs=True, entropy=True, losses=True, gae=True) -> None:
     if _patches:
         return
     try:
-        utils = importlib.import_module("openrlhf.models.utils")
+        utils = import_peer("openrlhf.models.utils", "openrlhf")
         if logprobs:
             original = utils.log_probs_from_logits
             _patches.rebind_imported("openrlhf", "log_probs_from_logits", original, log_probs_from_logits)
@@ -200,7 +199,7 @@ def apply(*, logprobs=True, entropy=True, losses=True, gae=True) -> None:
             _patches.rebind_imported("openrlhf", "compute_entropy", original, compute_entropy)
             _late.append(("openrlhf", "compute_entropy", compute_entropy, original))
         if losses:
-            loss = importlib.import_module("openrlhf.models.loss")
+            loss = import_peer("openrlhf.models.loss", "openrlhf")
             for cls, make in (
                 (loss.PolicyLoss, _policy_forward),
                 (loss.ValueLoss, _value_forward),
@@ -208,7 +207,7 @@ def apply(*, logprobs=True, entropy=True, losses=True, gae=True) -> None:
             ):
                 _patches.set(cls, "forward", make(cls.forward))
         if gae:
-            maker = importlib.import_module("openrlhf.trainer.ppo_utils.experience_maker")
+            maker = import_peer("openrlhf.trainer.ppo_utils.experience_maker", "openrlhf")
             _patches.set(maker.RemoteExperienceMaker, "get_advantages_and_returns", _experience_maker_gae)
     except BaseException:
         undo()

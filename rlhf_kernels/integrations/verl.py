@@ -30,7 +30,7 @@ import torch
 
 import rlhf_kernels as rk
 
-from ._patch import Patches, rebind_late_imports
+from ._patch import Patches, import_peer, rebind_late_imports
 
 POLICY_LOSS_NAME = "rlhf_kernels"
 ADV_ESTIMATOR_NAME = "rlhf_kernels_gae"
@@ -252,8 +252,8 @@ def apply(*, policy_loss=True, gae=True, kl=True, logprobs=True, entropy=True, r
     """Route verl to our kernels (idempotent). ``replace_defaults`` also maps ``vanilla`` and ``gae``."""
     if _patches:
         return
-    core_algos = importlib.import_module("verl.trainer.ppo.core_algos")
-    verl_f = importlib.import_module("verl.utils.torch_functional")
+    core_algos = import_peer("verl.trainer.ppo.core_algos", "verl")
+    verl_f = import_peer("verl.utils.torch_functional", "verl")
     try:
         if policy_loss:
             registry = core_algos.POLICY_LOSS_REGISTRY

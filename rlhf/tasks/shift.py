@@ -16,6 +16,8 @@ response replaces each letter by the next one in the alphabet, wrapping ``l`` to
 
 The model is a tiny Llama (:func:`tiny_llama_config`) and the tokenizer is character-level
 (:func:`build_tokenizer`); neither needs a download.  Everything is a pure function of the seed.
+The task registers itself as ``builtin`` (:data:`TASK`, see :mod:`rlhf.tasks.registry`), with the PPO
+settings tuned for the tiny model (:data:`PPO_DEFAULTS`).
 """
 
 from __future__ import annotations

@@ -24,6 +24,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+from .tasks.registry import DEFAULT_TASK
+
 
 class UserError(Exception):
     """A mistake in what the user asked for (an option, a path, a file, the data): ``rlhf`` prints
@@ -92,12 +94,12 @@ KERNEL_BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 class RunConfig:
     """Settings shared by every trainer (PPO batches its rollouts its own way: see :class:`TrainConfig`)."""
 
-    model: str = "builtin"
+    model: str = DEFAULT_TASK
     """Policy/base model: a local folder or a Hub name loadable with ``from_pretrained``, or
     ``builtin`` for the built-in task's tiny Llama-style model (random init, no download)."""
     tokenizer: str | None = None
     """Tokenizer folder or Hub name; defaults to ``model``."""
-    dataset: str = "builtin"
+    dataset: str = DEFAULT_TASK
     """Training data: a local .jsonl/.json/.parquet file, a ``datasets`` name, or ``builtin``."""
     dataset_split: str = "train"
     """Split to read when ``dataset`` is a ``datasets`` name."""

@@ -22,19 +22,10 @@ import rlhf_kernels as rk
 
 from .config import TrainConfig, require, require_choice
 from .data import collate_preference, tokenize_preference
-from .distributed import all_gather_cat, wrap_ddp
+from .distributed import all_gather_cat
 from .models import load_policy, load_reference, sequence_logprobs, unwrap
-from .trainer_utils import (
-    run_command,
-    RunContext,
-    build_optimizer,
-    build_scheduler,
-    global_batch_size,
-    load_records_for,
-    resume_state,
-    total_steps,
-    train_loop,
-)
+from .trainer_utils import run_command
+from .training import Trainer
 
 
 @dataclass
@@ -111,25 +102,30 @@ def dpo_terms(model, examples, pad_id, cfg, device):
     return losses, rew_c.detach(), rew_r.detach(), pi_c.detach(), pi_r.detach()
 
 
-def train_dpo(cfg: DPOConfig) -> dict:
-    run = RunContext(cfg)
-    tok, info = run.tokenizer, run.info
-    train_records, eval_records = load_records_for(cfg, "preference")
-    train = tokenize_preference(train_records, tok, cfg.max_length, f"dataset {cfg.dataset!r}")
-    held_out = tokenize_preference(eval_records, tok, cfg.max_length, "eval dataset") if eval_records else []
+class DPOTrainer(Trainer):
+    """DPO on the shared skeleton (:class:`~rlhf.training.Trainer`): the reference log-probs are
+    computed once before the policy is loaded; the loss per pair is normalised by the pairs of the
+    global batch."""
 
-    ref = load_reference(cfg.ref_model or cfg.model, tok, info.device, cfg.dtype)
-    add_reference_logprobs(ref, train + held_out, tok.pad_token_id, cfg, info)
-    del ref  # computed once; not needed any more
+    name = "dpo"
+    data_kind = "preference"
 
-    policy = load_policy(run.model_path, tok, info.device, cfg.dtype, cfg.gradient_checkpointing)
-    model = wrap_ddp(policy, info)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, total_steps(cfg, len(train), global_batch_size(cfg, info)))
-    start = resume_state(cfg, optimizer, scheduler, info, run.checkpoint)
+    def tokenize(self, records, name):
+        return tokenize_preference(records, self.tokenizer, self.cfg.max_length, name)
 
-    def loss_fn(examples):
-        losses, rew_c, rew_r, pi_c, pi_r = dpo_terms(model, examples, tok.pad_token_id, cfg, info.device)
+    def prepare(self):
+        cfg = self.cfg
+        ref = load_reference(cfg.ref_model or cfg.model, self.tokenizer, self.device, cfg.dtype)
+        add_reference_logprobs(ref, self.train_set + self.held_out, self.tokenizer.pad_token_id, cfg, self.info)
+        del ref  # computed once; not needed any more
+
+    def load_model(self):
+        cfg = self.cfg
+        return load_policy(self.run.model_path, self.tokenizer, self.device, cfg.dtype, cfg.gradient_checkpointing)
+
+    def loss(self, examples):
+        losses, rew_c, rew_r, pi_c, pi_r = dpo_terms(self.model, examples, self.tokenizer.pad_token_id, self.cfg,
+                                                     self.device)
         return losses.sum(), {
             "loss": losses.detach().sum(),
             "rewards/chosen": rew_c.sum(),
@@ -140,32 +136,25 @@ def train_dpo(cfg: DPOConfig) -> dict:
             "logps/rejected": pi_r.sum(),
         }
 
-    def normalizer(examples):  # pairs in the global batch
-        return len(examples)
-
-    @torch.no_grad()
-    def evaluate():
+    def evaluate(self):
+        cfg, held_out = self.cfg, self.held_out
         metrics = {}
         if held_out:
             sums = torch.zeros(3)
             for i in range(0, len(held_out), cfg.per_device_batch_size):
-                losses, rc, rr, _, _ = dpo_terms(unwrap(model), held_out[i:i + cfg.per_device_batch_size],
-                                                 tok.pad_token_id, cfg, info.device)
+                losses, rc, rr, _, _ = dpo_terms(unwrap(self.model), held_out[i:i + cfg.per_device_batch_size],
+                                                 self.tokenizer.pad_token_id, cfg, self.device)
                 sums += torch.stack([losses.sum(), (rc > rr).float().sum(), (rc - rr).sum()]).cpu()
             metrics.update({"eval/loss": float(sums[0]) / len(held_out),
                             "eval/rewards/accuracies": float(sums[1]) / len(held_out),
                             "eval/rewards/margins": float(sums[2]) / len(held_out)})
-        if cfg.dataset == "builtin" and cfg.gold_eval_prompts > 0:
-            from .tasks import evaluate_gold
-
-            metrics.update(evaluate_gold(unwrap(model), tok, cfg.gold_eval_prompts, seed=cfg.seed))
+        metrics.update(self.gold_metrics(cfg.gold_eval_prompts))
         return metrics
 
-    last = train_loop(cfg=cfg, info=info, model=model, optimizer=optimizer, scheduler=scheduler,
-                      examples=train, loss_fn=loss_fn, normalizer=normalizer, tokenizer=tok,
-                      logger=run.logger, start_step=start, eval_fn=evaluate, desc="dpo")
-    run.close()
-    return last
+
+def train_dpo(cfg: DPOConfig) -> dict:
+    """Run ``rlhf dpo``; returns the last logged metrics (with the final evaluation)."""
+    return DPOTrainer(cfg).train()
 
 
 def main(argv: list[str] | None = None) -> int:

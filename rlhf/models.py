@@ -4,7 +4,7 @@
 - reward / value model: ``AutoModelForSequenceClassification`` with ``num_labels=1`` (a scalar head on
   the last hidden state), initialised from the SFT model (the head is new).
 - dtype: bf16 on GPU, fp32 on CPU (``dtype="auto"``).
-- ``builtin``: the built-in task's tiny Llama-style model (random init) and character tokenizer.
+- a task name (``builtin``, see :mod:`rlhf.tasks`): the task's own model (random init) and tokenizer.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ import rlhf_kernels as rk
 
 from .config import UserError
 from .data import IGNORE_INDEX, position_ids_from_mask
-
-BUILTIN = "builtin"
+from .tasks import get_task
 
 
 class ModelPathError(UserError, FileNotFoundError):
@@ -56,7 +55,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def check_model_path(path: str, what: str = "model") -> None:
     """A clear error for a local path that does not exist (instead of a Hub lookup failure)."""
-    if path == BUILTIN:
+    if get_task(path) is not None:
         return
     # "org/name" may be a Hub id; "outputs/sft" where ./outputs exists is meant as a local folder.
     looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or os.path.isdir(path.split("/")[0])
@@ -90,10 +89,9 @@ def load_tokenizer(path: str, what: str = "tokenizer"):
     A tokenizer without a pad token gets its EOS (or UNK) as pad: padding is always masked by the
     attention mask and labels, so the id only has to be valid.
     """
-    if path == BUILTIN:
-        from .tasks import build_tokenizer
-
-        tok = build_tokenizer()
+    task = get_task(path)
+    if task is not None:
+        tok = task.build_tokenizer()
     else:
         from transformers import AutoTokenizer
 
@@ -128,20 +126,17 @@ def _finish(model, device: torch.device, gradient_checkpointing: bool, trainable
 
 def load_policy(path: str, tokenizer=None, device: torch.device | str = "cpu", dtype: str = "auto",
                 gradient_checkpointing: bool = False, trainable: bool = True, seed: int = 0):
-    """``AutoModelForCausalLM`` from ``path`` (``builtin``: a fresh tiny Llama seeded by ``seed``)."""
+    """``AutoModelForCausalLM`` from ``path`` (a task name: the task's fresh model seeded by ``seed``)."""
     from transformers import AutoModelForCausalLM
 
     device = resolve_device(device) if isinstance(device, str) else device
     torch_dtype = resolve_dtype(dtype, device)
-    if path == BUILTIN:
-        from transformers import LlamaForCausalLM
-
-        from .tasks import tiny_llama_config
-
-        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(BUILTIN)
+    task = get_task(path)
+    if task is not None:
+        tokenizer = tokenizer if tokenizer is not None else task.build_tokenizer()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = LlamaForCausalLM(tiny_llama_config(len(tokenizer))).to(torch_dtype)
+            model = task.build_model(len(tokenizer)).to(torch_dtype)
     else:
         model = _from_pretrained(AutoModelForCausalLM, path, "model", dtype=torch_dtype)
     if tokenizer is not None and model.config.pad_token_id is None:
@@ -160,7 +155,7 @@ def load_reward_model(path: str, tokenizer=None, device="cpu", dtype: str = "aut
     loaded, the scalar ``score`` head is newly initialised; a reward model: everything is loaded)."""
     from transformers import AutoModelForSequenceClassification
 
-    if path == BUILTIN:
+    if get_task(path) is not None:
         raise ValueError("the reward model is initialised from an SFT model: pass --model <sft output dir>")
     device = resolve_device(device) if isinstance(device, str) else device
     model = _from_pretrained(AutoModelForSequenceClassification, path, "model", num_labels=1,

@@ -26,19 +26,7 @@ import os
 import time
 from dataclasses import dataclass
 
-BUILTIN = "builtin"
-
-# PPO settings for the built-in task's tiny model (found on the task; the PPO defaults suit real models).
-BUILTIN_PPO = {
-    "rollout_batch_size": 64,
-    "mini_batch_size": 16,
-    "ppo_epochs": 4,
-    "lr": 3e-4,
-    "value_lr": 3e-4,
-    "max_new_tokens": 8,
-    "kl_coef": 0.05,
-    "max_length": 32,
-}
+from .tasks import DEFAULT_TASK
 
 
 @dataclass
@@ -49,15 +37,15 @@ class PipelineConfig:
     """Where every stage's folder, report.json and the plots go."""
     overwrite_output_dir: bool = False
     """Run again in an ``output_dir`` that holds a previous pipeline run (its stages are overwritten)."""
-    model: str = BUILTIN
+    model: str = DEFAULT_TASK
     """Base model: a folder or Hub name, or ``builtin`` (the built-in task's tiny Llama)."""
     tokenizer: str | None = None
     """Tokenizer (default: the model's)."""
-    sft_data: str = BUILTIN
+    sft_data: str = DEFAULT_TASK
     """SFT data (messages or prompt/completion)."""
-    pref_data: str = BUILTIN
+    pref_data: str = DEFAULT_TASK
     """Preference pairs for the reward model and DPO."""
-    prompt_data: str = BUILTIN
+    prompt_data: str = DEFAULT_TASK
     """Prompts for PPO."""
     seed: int = 0
     """Seed of every stage and of the report's sampling."""
@@ -135,7 +123,7 @@ def print_table(title: str, rows: list[dict], columns: list[str]) -> str:
 
 def _stage_table(name: str, out_dir: str, seconds: float) -> dict:
     """Print a stage's first and last logged training metrics and its last evaluation; returns them."""
-    from .logging import read_metrics
+    from .metrics_log import read_metrics
 
     records = read_metrics(out_dir)
     train = [r for r in records if "lr" in r]
@@ -173,14 +161,14 @@ def run_pipeline(args: PipelineConfig) -> dict:
     import torch
     import transformers
 
+    from .config import to_dict
     from .dpo import DPOConfig, train_dpo
     from .evaluate import evaluate_policy
     from .models import load_policy, load_reward_model, load_tokenizer, resolve_device
     from .ppo import PPOConfig, train_ppo
     from .reward import RewardConfig, train_reward
     from .sft import SFTConfig, train_sft
-    from .config import to_dict
-    from .tasks import gold_score, make_prompts
+    from .tasks import get_task
 
     transformers.utils.logging.set_verbosity_error()  # load reports and progress bars drown the tables
     transformers.utils.logging.disable_progress_bar()
@@ -193,7 +181,7 @@ def run_pipeline(args: PipelineConfig) -> dict:
         raise UserError(f"--output-dir {out!r} holds a previous pipeline run; pass --overwrite-output-dir to "
                         f"run again over it, or choose another folder")
     os.makedirs(out, exist_ok=True)
-    builtin_task = args.prompt_data == BUILTIN
+    task = get_task(args.prompt_data)  # a built-in task: its tuned PPO settings, prompts and gold scorer
     common = {
         "seed": args.seed,
         "device": args.device,
@@ -235,7 +223,7 @@ def run_pipeline(args: PipelineConfig) -> dict:
             {"model": paths["sft"], "dataset": args.pref_data, "output_dir": paths["reward"]},
         ),
     )
-    ppo_kw = dict(BUILTIN_PPO) if builtin_task else {}
+    ppo_kw = dict(task.ppo_defaults) if task is not None else {}
     if args.max_new_tokens:
         ppo_kw["max_new_tokens"] = args.max_new_tokens
     if args.max_length:
@@ -270,8 +258,8 @@ def run_pipeline(args: PipelineConfig) -> dict:
     print("\n[pipeline] evaluating every stage on the same held-out prompts", flush=True)
     device = resolve_device(args.device)
     tok = load_tokenizer(paths["sft"])
-    if builtin_task:
-        eval_prompts = [r["prompt"] for r in make_prompts(args.eval_prompts, seed=10_000 + args.seed)]
+    if task is not None:
+        eval_prompts = [r["prompt"] for r in task.prompts(args.eval_prompts, seed=10_000 + args.seed)]
     else:
         from .data import load_records
 
@@ -288,7 +276,7 @@ def run_pipeline(args: PipelineConfig) -> dict:
             reward_model,
             tok,
             eval_prompts,
-            gold_fn=gold_score if builtin_task else None,
+            gold_fn=task.gold_score if task is not None else None,
             max_new_tokens=max_new,
             seed=args.seed,
             backend=args.kernel_backend,
@@ -297,7 +285,7 @@ def run_pipeline(args: PipelineConfig) -> dict:
         rows.append({"stage": name, **res})
     columns = (
         ["stage", "gold", "proxy", "kl_to_sft", "response_length"]
-        if builtin_task
+        if task is not None and task.gold_score is not None
         else ["stage", "proxy", "kl_to_sft", "response_length"]
     )
     summary["table"] = print_table(
@@ -325,7 +313,7 @@ def run_pipeline(args: PipelineConfig) -> dict:
 
 def _ppo_curve(path: str) -> list[dict]:
     """The PPO evaluations logged during training: step, gold, proxy, KL to SFT (over-optimisation)."""
-    from .logging import read_metrics
+    from .metrics_log import read_metrics
 
     return [
         {k.removeprefix("eval/"): v for k, v in r.items() if k == "step" or k.startswith("eval/")}
@@ -343,7 +331,7 @@ def make_plots(out: str, paths: dict, runs: list[str]) -> list[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    from .logging import read_metrics
+    from .metrics_log import read_metrics
 
     plot_dir = os.path.join(out, "plots")
     os.makedirs(plot_dir, exist_ok=True)

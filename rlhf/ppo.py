@@ -26,15 +26,17 @@ from .distributed import set_step
 from .evaluate import evaluate_policy
 from .generation import generate_responses, left_pad
 from .kl_control import AdaptiveKLController, FixedKLController
-from .logging import Progress
+from .metrics_log import Progress
 from .models import load_policy, load_reference, load_reward_model, policy_logprobs
 from .ppo_trainer import PPOTrainer
-from .tasks import gold_score, make_prompts
+from .tasks import DEFAULT_TASK, get_task
 from .trainer_utils import (
     DataSizeError,
     RunContext,
+    due,
     global_batch_indices,
     load_records_for,
+    log_due,
     rank_slice,
     run_command,
 )
@@ -168,7 +170,7 @@ class PPOConfig(PPOHyperParams, RunConfig):
     """Where checkpoints, the final policy and metrics.jsonl are written."""
     reward_model: str = ""
     """The reward model folder (from ``rlhf reward``); the value model starts from it too."""
-    dataset: str = "builtin"
+    dataset: str = DEFAULT_TASK
     """Prompts for RL (prompt-only, or any format with a ``prompt`` column): a file, a ``datasets`` name,
     or ``builtin``."""
     max_length: int = 512
@@ -211,10 +213,9 @@ def train_ppo(cfg: PPOConfig) -> dict:
         e["prompt_ids"]
         for e in tokenize_prompts(records, tok, cfg.max_length, name=f"dataset {cfg.dataset!r}")
     ]
-    if not eval_records:  # built-in task: fresh prompts; otherwise the first training prompts
-        eval_records = (
-            make_prompts(cfg.eval_prompts, seed=cfg.seed + 777) if cfg.dataset == "builtin" else records
-        )
+    task = get_task(cfg.dataset)
+    if not eval_records:  # a built-in task: fresh prompts; otherwise the first training prompts
+        eval_records = task.prompts(cfg.eval_prompts, seed=cfg.seed + 777) if task is not None else records
     eval_texts = [r["prompt"] for r in eval_records[: cfg.eval_prompts]]
     steps = (
         cfg.max_steps
@@ -235,13 +236,13 @@ def train_ppo(cfg: PPOConfig) -> dict:
             os.path.join(run.model_path, "value_model"), cfg.reward_model, tok, cfg, device
         )
 
-    gold = gold_ids = None
-    if cfg.dataset == "builtin":
-        gold = gold_score
+    gold = task.gold_score if task is not None else None
+    gold_ids = None
+    if gold is not None:
 
         def gold_ids(prompt_ids, response_ids):
             return [
-                gold_score(tok.decode(p, skip_special_tokens=True), tok.decode(r, skip_special_tokens=True))
+                gold(tok.decode(p, skip_special_tokens=True), tok.decode(r, skip_special_tokens=True))
                 for p, r in zip(prompt_ids, response_ids)
             ]
 
@@ -294,11 +295,11 @@ def train_ppo(cfg: PPOConfig) -> dict:
         metrics = trainer.step(batch)
         done = step + 1
         progress.update({k: metrics[k] for k in ("objective/scores", "objective/kl") if k in metrics})
-        if done % max(cfg.logging_steps, 1) == 0 or done in (1, steps):
+        if log_due(done, cfg.logging_steps, steps):
             last = run.logger.log(done, metrics)
-        if cfg.eval_steps > 0 and done % cfg.eval_steps == 0 and done != steps:
+        if due(done, cfg.eval_steps, steps):
             run.logger.log(done, evaluate())
-        if cfg.save_steps > 0 and done % cfg.save_steps == 0 and done != steps:
+        if due(done, cfg.save_steps, steps):
             save_checkpoint(
                 cfg.output_dir,
                 done,

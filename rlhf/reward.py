@@ -19,19 +19,9 @@ import torch.nn.functional as F
 
 from .config import TrainConfig, require
 from .data import DataError, collate_preference, tokenize_preference
-from .distributed import wrap_ddp
-from .models import ScalarHead, load_reward_model, sequence_rewards
-from .trainer_utils import (
-    run_command,
-    RunContext,
-    build_optimizer,
-    build_scheduler,
-    global_batch_size,
-    load_records_for,
-    resume_state,
-    total_steps,
-    train_loop,
-)
+from .models import ScalarHead, load_reward_model, sequence_rewards, unwrap
+from .trainer_utils import run_command
+from .training import Trainer
 
 
 @dataclass
@@ -80,24 +70,27 @@ def pair_rewards(model, examples: list[dict], pad_id: int, cfg, device) -> tuple
     return r[: len(examples)], r[len(examples):]
 
 
-def train_reward(cfg: RewardConfig) -> dict:
-    run = RunContext(cfg)
-    tok, info = run.tokenizer, run.info
-    train_records, eval_records = load_records_for(cfg, "preference")
-    columns = (cfg.margin_column, "gold_chosen", "gold_rejected")
-    train = attach_columns(tokenize_preference(train_records, tok, cfg.max_length, f"dataset {cfg.dataset!r}"),
-                           train_records, columns)
-    held_out = attach_columns(tokenize_preference(eval_records, tok, cfg.max_length, "eval dataset"),
-                              eval_records, columns) if eval_records else []
+class RewardTrainer(Trainer):
+    """The reward model on the shared skeleton (:class:`~rlhf.training.Trainer`): the Bradley-Terry
+    loss per pair, normalised by the pairs of the global batch."""
 
-    hf_model = load_reward_model(run.model_path, tok, info.device, cfg.dtype, cfg.gradient_checkpointing)
-    model = wrap_ddp(ScalarHead(hf_model), info)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, total_steps(cfg, len(train), global_batch_size(cfg, info)))
-    start = resume_state(cfg, optimizer, scheduler, info, run.checkpoint)
+    name = "reward"
+    data_kind = "preference"
 
-    def loss_fn(examples):
-        r_chosen, r_rejected = pair_rewards(model, examples, tok.pad_token_id, cfg, info.device)
+    def tokenize(self, records, name):
+        columns = (self.cfg.margin_column, "gold_chosen", "gold_rejected")
+        return attach_columns(tokenize_preference(records, self.tokenizer, self.cfg.max_length, name),
+                              records, columns)
+
+    def load_model(self):
+        cfg = self.cfg
+        hf_model = load_reward_model(self.run.model_path, self.tokenizer, self.device, cfg.dtype,
+                                     cfg.gradient_checkpointing)
+        return ScalarHead(hf_model)
+
+    def loss(self, examples):
+        cfg = self.cfg
+        r_chosen, r_rejected = pair_rewards(self.model, examples, self.tokenizer.pad_token_id, cfg, self.device)
         margin = torch.tensor([e.get(cfg.margin_column, 0.0) for e in examples], device=r_chosen.device)
         losses = -F.logsigmoid(r_chosen - r_rejected - margin)
         d_c, d_r = r_chosen.detach(), r_rejected.detach()
@@ -109,14 +102,15 @@ def train_reward(cfg: RewardConfig) -> dict:
             "rewards/margins": (d_c - d_r).sum(),
         }
 
-    @torch.no_grad()
-    def evaluate():
+    def evaluate(self):
+        cfg, held_out = self.cfg, self.held_out
         if not held_out:
             return {}
-        inner = ScalarHead(hf_model)
+        inner = ScalarHead(unwrap(self.model))
         rc, rr = [], []
         for i in range(0, len(held_out), cfg.per_device_batch_size):
-            a, b = pair_rewards(inner, held_out[i:i + cfg.per_device_batch_size], tok.pad_token_id, cfg, info.device)
+            a, b = pair_rewards(inner, held_out[i:i + cfg.per_device_batch_size], self.tokenizer.pad_token_id, cfg,
+                                self.device)
             rc.append(a)
             rr.append(b)
         rc, rr = torch.cat(rc).cpu(), torch.cat(rr).cpu()
@@ -128,14 +122,10 @@ def train_reward(cfg: RewardConfig) -> dict:
             metrics["eval/accuracy_gold"] = float(((rc > rr) == gold_order).float().mean())
         return metrics
 
-    def normalizer(examples):  # pairs in the global batch
-        return len(examples)
 
-    last = train_loop(cfg=cfg, info=info, model=model, optimizer=optimizer, scheduler=scheduler,
-                      examples=train, loss_fn=loss_fn, normalizer=normalizer, tokenizer=tok,
-                      logger=run.logger, start_step=start, eval_fn=evaluate, desc="reward")
-    run.close()
-    return last
+def train_reward(cfg: RewardConfig) -> dict:
+    """Run ``rlhf reward``; returns the last logged metrics (with the final evaluation)."""
+    return RewardTrainer(cfg).train()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,19 +18,9 @@ import torch
 
 from .config import TrainConfig, require
 from .data import IGNORE_INDEX, collate_sft, tokenize_sft
-from .distributed import wrap_ddp
 from .models import load_policy, token_logprobs, unwrap
-from .trainer_utils import (
-    run_command,
-    RunContext,
-    build_optimizer,
-    build_scheduler,
-    global_batch_size,
-    load_records_for,
-    resume_state,
-    total_steps,
-    train_loop,
-)
+from .trainer_utils import run_command
+from .training import Trainer
 
 
 @dataclass
@@ -67,47 +57,44 @@ def _completion_nll(model, examples: list[dict], pad_id: int, cfg, device) -> tu
     return -logprobs.sum(), n_tokens
 
 
-def train_sft(cfg: SFTConfig) -> dict:
-    run = RunContext(cfg)
-    tok, info = run.tokenizer, run.info
-    train_records, eval_records = load_records_for(cfg, "sft")
-    train = tokenize_sft(train_records, tok, cfg.max_length, name=f"dataset {cfg.dataset!r}")
-    held_out = tokenize_sft(eval_records, tok, cfg.max_length, name="eval dataset") if eval_records else []
+class SFTTrainer(Trainer):
+    """SFT on the shared skeleton (:class:`~rlhf.training.Trainer`): the loss is the summed NLL of
+    the completion tokens, normalised by the completion tokens of the whole global batch."""
 
-    policy = load_policy(run.model_path, tok, info.device, cfg.dtype, cfg.gradient_checkpointing, seed=cfg.seed)
-    model = wrap_ddp(policy, info)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, total_steps(cfg, len(train), global_batch_size(cfg, info)))
-    start = resume_state(cfg, optimizer, scheduler, info, run.checkpoint)
+    name = "sft"
+    data_kind = "sft"
 
-    def loss_fn(examples):
-        nll_sum, _ = _completion_nll(model, examples, tok.pad_token_id, cfg, info.device)
+    def tokenize(self, records, name):
+        return tokenize_sft(records, self.tokenizer, self.cfg.max_length, name=name)
+
+    def load_model(self):
+        cfg = self.cfg
+        return load_policy(self.run.model_path, self.tokenizer, self.device, cfg.dtype, cfg.gradient_checkpointing,
+                           seed=cfg.seed)
+
+    def loss(self, examples):
+        nll_sum, _ = _completion_nll(self.model, examples, self.tokenizer.pad_token_id, self.cfg, self.device)
         return nll_sum, {"loss": nll_sum.detach()}
 
-    def normalizer(examples):  # completion tokens in the whole global batch
+    def normalizer(self, examples):  # completion tokens in the whole global batch
         return sum(sum(label != IGNORE_INDEX for label in e["labels"][1:]) for e in examples)
 
-    @torch.no_grad()
-    def evaluate():
+    def evaluate(self):
         metrics = {}
-        if held_out:
+        if self.held_out:
             total, count = 0.0, 0
-            for i in range(0, len(held_out), cfg.per_device_batch_size):
-                s, n = _completion_nll(unwrap(model), held_out[i:i + cfg.per_device_batch_size],
-                                       tok.pad_token_id, cfg, info.device)
+            for i in range(0, len(self.held_out), self.cfg.per_device_batch_size):
+                s, n = _completion_nll(unwrap(self.model), self.held_out[i:i + self.cfg.per_device_batch_size],
+                                       self.tokenizer.pad_token_id, self.cfg, self.device)
                 total, count = total + float(s), count + int(n)
             metrics["eval/loss"] = total / max(count, 1)
-        if cfg.dataset == "builtin" and cfg.gold_eval_prompts > 0:
-            from .tasks import evaluate_gold
-
-            metrics.update(evaluate_gold(unwrap(model), tok, cfg.gold_eval_prompts, seed=cfg.seed))
+        metrics.update(self.gold_metrics(self.cfg.gold_eval_prompts))
         return metrics
 
-    last = train_loop(cfg=cfg, info=info, model=model, optimizer=optimizer, scheduler=scheduler,
-                      examples=train, loss_fn=loss_fn, normalizer=normalizer, tokenizer=tok,
-                      logger=run.logger, start_step=start, eval_fn=evaluate, desc="sft")
-    run.close()
-    return last
+
+def train_sft(cfg: SFTConfig) -> dict:
+    """Run ``rlhf sft``; returns the last logged metrics (with the final evaluation)."""
+    return SFTTrainer(cfg).train()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""Optimizer, schedule, seeding, batching and the optimizer-step loop the trainers share.
+"""Optimizer, schedule, seeding, batching and the run setup the trainers share (the step loop of SFT,
+reward model and DPO is :mod:`rlhf.training`; PPO steps over rollouts in :mod:`rlhf.ppo`).
 
 Batching is defined on the *global* batch so results do not depend on the process count: step s
 of a run takes global batch s from a seeded shuffle of the data (one shuffle per epoch), every rank
@@ -14,15 +15,14 @@ import os
 import random
 import sys
 from collections.abc import Callable
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 
-from .checkpoint import load_training_state, save_checkpoint, save_final
+from .checkpoint import load_training_state
 from .config import UserError
-from .distributed import DistInfo, all_reduce_sum, set_step
-from .logging import MetricsLogger, Progress
+from .distributed import DistInfo
+from .metrics_log import MetricsLogger
 
 
 def seed_everything(seed: int) -> None:
@@ -105,82 +105,16 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params]))
 
 
-# A step function: (micro_batch_examples) -> (loss_sum, stat_sums).  loss_sum is a scalar tensor
-# with gradient; stat_sums maps metric names to detached scalar sums over the micro-batch.
-LossFn = Callable[[list], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+def due(done: int, every: int, total: int) -> bool:
+    """Whether a periodic action (evaluation, checkpoint) runs after step ``done`` of ``total``: every
+    ``every`` steps (0: never), but not after the last step, which every loop handles on its own."""
+    return every > 0 and done % every == 0 and done != total
 
 
-def train_loop(
-    *,
-    cfg,
-    info: DistInfo,
-    model: torch.nn.Module,
-    optimizer,
-    scheduler,
-    examples: list,
-    loss_fn: LossFn,
-    normalizer: Callable[[list], float],
-    tokenizer,
-    logger: MetricsLogger,
-    start_step: int = 0,
-    eval_fn: Callable[[], dict] | None = None,
-    desc: str = "train",
-) -> dict:
-    """Run optimizer steps ``start_step`` .. ``total`` and return the last logged metrics.
-
-    Per step: the global batch is fetched, this rank's slice is cut into micro-batches; each
-    micro-batch's ``loss_sum / normalizer(global batch) * world_size`` is back-propagated (DDP
-    averages over ranks, which undoes the ``* world_size``); gradients are clipped; AdamW steps.
-    Logged metrics are ``stat_sums`` reduced over ranks and divided by the normalizer.
-    """
-    gbs = global_batch_size(cfg, info)
-    steps = total_steps(cfg, len(examples), gbs)
-    progress = Progress(steps, initial=start_step, desc=desc, enabled=info.is_main and cfg.progress_bar)
-    last: dict = {}
-    for step in range(start_step, steps):
-        set_step(step + 1)
-        batch = [examples[i] for i in global_batch_indices(step, len(examples), gbs, cfg.seed)]
-        norm = float(normalizer(batch))
-        micro = chunks(rank_slice(batch, info), cfg.per_device_batch_size)
-        totals: dict[str, torch.Tensor] = {}
-        model.train()
-        for j, mb in enumerate(micro):
-            sync = j == len(micro) - 1 or not hasattr(model, "no_sync")
-            with nullcontext() if sync else model.no_sync():
-                loss_sum, stats = loss_fn(mb)
-                (loss_sum / max(norm, 1e-12) * info.world_size).backward()
-            for k, v in stats.items():
-                totals[k] = totals.get(k, 0.0) + v.detach().double().cpu()
-        grad_norm = clip_grad_norm(model, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        names = sorted(totals)
-        reduced = all_reduce_sum(torch.stack([torch.as_tensor(totals[k], dtype=torch.float64) for k in names])) \
-            if names else torch.zeros(0)
-        metrics = {k: (reduced[i] / max(norm, 1e-12)).item() for i, k in enumerate(names)}
-        metrics.update(grad_norm=float(grad_norm), lr=scheduler.get_last_lr()[0],
-                       epoch=done * gbs / len(examples))
-        progress.update({"loss": metrics.get("loss", float("nan"))})
-        if done % max(cfg.logging_steps, 1) == 0 or done == steps or done == 1:
-            last = logger.log(done, metrics)
-        if eval_fn is not None and cfg.eval_steps > 0 and done % cfg.eval_steps == 0 and done != steps:
-            evaluated = eval_fn()
-            if evaluated:
-                logger.log(done, evaluated)
-        if cfg.save_steps > 0 and done % cfg.save_steps == 0 and done != steps:
-            save_checkpoint(cfg.output_dir, done, model, tokenizer, optimizer, scheduler, info,
-                            total_limit=cfg.save_total_limit)
-    progress.close()
-    evaluated = eval_fn() if eval_fn is not None else {}
-    if evaluated:
-        last = {**last, **logger.log(steps, evaluated)}
-    if steps > start_step and cfg.save_steps > 0:
-        save_checkpoint(cfg.output_dir, steps, model, tokenizer, optimizer, scheduler, info,
-                        total_limit=cfg.save_total_limit)
-    save_final(cfg.output_dir, model, tokenizer, info)
-    return last
+def log_due(done: int, every: int, total: int) -> bool:
+    """Whether metrics are logged after step ``done`` of ``total``: every ``every`` steps, and always
+    after the first and the last."""
+    return done % max(every, 1) == 0 or done in (1, total)
 
 
 def resume_state(cfg, optimizer, scheduler, info: DistInfo, checkpoint: str | None) -> int:
@@ -195,20 +129,15 @@ def resume_state(cfg, optimizer, scheduler, info: DistInfo, checkpoint: str | No
 # Run setup shared by the trainers
 
 
-BUILTIN_SIZES = {"sft": 4000, "preference": 6000, "prompts": 1000}
-
-
 def load_records_for(cfg, kind: str) -> tuple[list[dict], list[dict]]:
-    """(train, eval) records for ``kind`` in ``sft | preference | prompts``: ``cfg.dataset`` (or the
+    """(train, eval) records for ``kind`` in ``sft | preference | prompts``: ``cfg.dataset`` (or a
     built-in task's data), with ``cfg.eval_dataset`` or an ``eval_fraction`` hold-out as eval."""
     from .data import PREFERENCE_FORMATS, SFT_FORMATS, detect_format, load_records, split_holdout
+    from .tasks import get_task
 
-    if cfg.dataset == "builtin":
-        from . import tasks
-
-        make = {"sft": tasks.make_demonstrations, "preference": tasks.make_preference_pairs,
-                "prompts": tasks.make_prompts}[kind]
-        records = make(BUILTIN_SIZES[kind], seed=0)
+    task = get_task(cfg.dataset)
+    if task is not None:
+        records = task.records(kind, seed=0)
     else:
         records = load_records(cfg.dataset, cfg.dataset_split)
     allowed = {"sft": SFT_FORMATS, "preference": PREFERENCE_FORMATS, "prompts": None}[kind]

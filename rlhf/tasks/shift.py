@@ -16,11 +16,15 @@ response replaces each letter by the next one in the alphabet, wrapping ``l`` to
 
 The model is a tiny Llama (:func:`tiny_llama_config`) and the tokenizer is character-level
 (:func:`build_tokenizer`); neither needs a download.  Everything is a pure function of the seed.
+The task registers itself as ``builtin`` (:data:`TASK`, see :mod:`rlhf.tasks.registry`), with the PPO
+settings tuned for the tiny model (:data:`PPO_DEFAULTS`).
 """
 
 from __future__ import annotations
 
 import random
+
+from .registry import DEFAULT_TASK, Task, register_task
 
 LETTERS = "abcdefghijkl"
 SEPARATOR = "="
@@ -171,3 +175,34 @@ def evaluate_gold(model, tokenizer, n_prompts: int = 256, seed: int = 0, tempera
         for p, o in zip(chunk, outs):
             scores.append(gold_score(p, tokenizer.decode(o, skip_special_tokens=True)))
     return {"gold/mean_score": sum(scores) / len(scores), "gold/exact": sum(s == 1.0 for s in scores) / len(scores)}
+
+
+def build_model(vocab_size: int):
+    """A freshly initialised tiny Llama (:func:`tiny_llama_config`) for a vocabulary of ``vocab_size``."""
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM(tiny_llama_config(vocab_size))
+
+
+# PPO settings for the tiny model (found on the task; the PPO defaults suit real models).
+PPO_DEFAULTS = {
+    "rollout_batch_size": 64,
+    "mini_batch_size": 16,
+    "ppo_epochs": 4,
+    "lr": 3e-4,
+    "value_lr": 3e-4,
+    "max_new_tokens": 8,
+    "kl_coef": 0.05,
+    "max_length": 32,
+}
+
+TASK = register_task(Task(
+    name=DEFAULT_TASK,
+    build_tokenizer=build_tokenizer,
+    build_model=build_model,
+    make_records={"sft": make_demonstrations, "preference": make_preference_pairs, "prompts": make_prompts},
+    data_sizes={"sft": 4000, "preference": 6000, "prompts": 1000},
+    gold_score=gold_score,
+    evaluate_gold=evaluate_gold,
+    ppo_defaults=PPO_DEFAULTS,
+))

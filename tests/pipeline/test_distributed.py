@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rlhf.dpo import DPOConfig, train_dpo
-from rlhf.logging import read_metrics
+from rlhf.metrics_log import read_metrics
 from rlhf.sft import SFTConfig, train_sft
 
 from .helpers import write_jsonl

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from rlhf.logging import read_metrics
+from rlhf.metrics_log import read_metrics
 
 from .helpers import write_jsonl
 from .test_trainers import sft_records

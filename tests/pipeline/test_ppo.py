@@ -274,7 +274,7 @@ def _env():
 
 
 def _records(out):
-    from rlhf.logging import read_metrics
+    from rlhf.metrics_log import read_metrics
 
     return [{k: v for k, v in r.items() if not k.startswith("timing/")} for r in read_metrics(str(out))]
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from rlhf import checkpoint as ckpt
-from rlhf.logging import read_metrics
+from rlhf.metrics_log import read_metrics
 from rlhf.sft import SFTConfig, train_sft
 
 from .helpers import write_jsonl

@@ -123,3 +123,62 @@ def test_walk_finds_the_modules():
     names = set(_modules())
     assert {"rlhf.ppo", "rlhf.ppo_trainer", "rlhf.rollout", "rlhf.generation", "rlhf.evaluate"} <= names
     assert {m.name for m in pkgutil.iter_modules([str(PACKAGE_DIR)])} <= {n.split(".")[1] for n in names if "." in n}
+
+
+def _string_constants(path: Path, value: str) -> list[int]:
+    """Lines of ``path`` where the string literal ``value`` appears (docstrings mentioning it do not count)."""
+    tree = ast.parse(path.read_text(), str(path))
+    return sorted(n.lineno for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value == value)
+
+
+def test_the_builtin_task_is_named_only_in_rlhf_tasks():
+    """The core modules ask the task registry (rlhf.tasks) instead of comparing names with "builtin"."""
+    hits = [f"{path.relative_to(PACKAGE_DIR.parent)}:{line}"
+            for name, path in sorted(_modules().items()) if not name.startswith("rlhf.tasks")
+            for line in _string_constants(path, "builtin")]
+    assert hits == [], "the task name as a literal outside rlhf/tasks: " + ", ".join(hits)
+
+
+def test_string_constants_sees_literals_not_docstrings(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text('"""Say ``builtin`` here."""\nX = "builtin"\nif y == "builtin":\n    pass\n')
+    assert _string_constants(src, "builtin") == [2, 3]
+
+
+def test_no_module_shadows_the_standard_library():
+    import sys
+
+    shadowing = sorted(n for n in _modules() if "." in n and n.rsplit(".", 1)[1] in sys.stdlib_module_names)
+    assert shadowing == []
+
+
+SETUP_STEPS = ("RunContext", "load_records_for", "wrap_ddp", "build_optimizer", "build_scheduler", "resume_state",
+               "train_loop")
+
+
+def _names_used(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | \
+        {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+
+
+@pytest.mark.parametrize("module", ["rlhf.sft", "rlhf.reward", "rlhf.dpo"])
+def test_trainers_keep_only_their_own_parts(module):
+    """SFT, reward model and DPO run on one skeleton (rlhf.training.Trainer): none of them repeats the
+    setup sequence or the step loop, and each is a Trainer with its own tokenizing, model and loss."""
+    from rlhf.training import Trainer
+
+    path = _modules()[module]
+    assert _names_used(path) & set(SETUP_STEPS) == set()
+    mod = importlib.import_module(module)
+    trainers = [v for v in vars(mod).values() if isinstance(v, type) and issubclass(v, Trainer) and v is not Trainer]
+    assert len(trainers) == 1
+    own = vars(trainers[0])
+    assert {"tokenize", "load_model", "loss", "evaluate"} <= set(own)
+    assert "train" not in own
+
+
+def test_the_setup_sequence_is_written_once():
+    users = {name for name, path in _modules().items() if "build_optimizer" in _names_used(path)
+             and "RunContext" in _names_used(path)}
+    assert users == {"rlhf.training"}

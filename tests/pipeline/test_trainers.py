@@ -9,7 +9,7 @@ import torch
 
 from rlhf import tasks
 from rlhf.dpo import DPOConfig, train_dpo
-from rlhf.logging import MetricsLogger, read_metrics
+from rlhf.metrics_log import MetricsLogger, read_metrics
 from rlhf.reward import RewardConfig, train_reward
 from rlhf.sft import SFTConfig, train_sft
 

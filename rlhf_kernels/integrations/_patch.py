@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 
@@ -64,3 +65,21 @@ def rebind_late_imports(prefix, name, ours, original):
             continue
         if vars(module).get(name) is ours:
             setattr(module, name, original)
+
+
+def applied_context(apply, undo, is_applied):
+    """The ``applied(**kwargs)`` context manager of an adapter: runs the block with ``apply(**kwargs)``
+    in force, then ``undo()`` unless the adapter was already applied before the block."""
+
+    @contextlib.contextmanager
+    def applied(**kwargs):
+        """``with applied(): ...`` runs the block with :func:`apply` in force, then :func:`undo`."""
+        already = is_applied()
+        apply(**kwargs)
+        try:
+            yield
+        finally:
+            if not already:
+                undo()
+
+    return applied

@@ -20,13 +20,11 @@ The adapter reproduces OpenRLHF's conventions, not ours (docs/integrations.md li
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 import rlhf_kernels as rk
 
-from ._patch import Patches, import_peer, rebind_late_imports
+from ._patch import Patches, applied_context, import_peer, rebind_late_imports
 
 _patches = Patches()
 _late = []
@@ -225,13 +223,4 @@ def is_applied() -> bool:
     return bool(_patches)
 
 
-@contextlib.contextmanager
-def applied(**kwargs):
-    """``with applied(): ...`` runs the block with :func:`apply` in force, then :func:`undo`."""
-    already = is_applied()
-    apply(**kwargs)
-    try:
-        yield
-    finally:
-        if not already:
-            undo()
+applied = applied_context(apply, undo, is_applied)

@@ -23,14 +23,13 @@ The adapter reproduces verl's conventions, not ours (docs/integrations.md lists 
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 
 import torch
 
 import rlhf_kernels as rk
 
-from ._patch import Patches, import_peer, rebind_late_imports
+from ._patch import Patches, applied_context, import_peer, rebind_late_imports
 
 POLICY_LOSS_NAME = "rlhf_kernels"
 ADV_ESTIMATOR_NAME = "rlhf_kernels_gae"
@@ -296,13 +295,4 @@ def is_applied() -> bool:
     return bool(_patches)
 
 
-@contextlib.contextmanager
-def applied(**kwargs):
-    """``with applied(): ...`` runs the block with :func:`apply` in force, then :func:`undo`."""
-    already = is_applied()
-    apply(**kwargs)
-    try:
-        yield
-    finally:
-        if not already:
-            undo()
+applied = applied_context(apply, undo, is_applied)

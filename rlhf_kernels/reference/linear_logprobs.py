@@ -26,8 +26,9 @@ import torch
 
 from .._registry import register_impl
 
-# Tile shape: rows of hidden x vocabulary entries (module attributes so tests can shrink them).
-TOKEN_CHUNK = 512
+# Tile shape: rows of hidden x vocabulary entries, 2 MB of fp32 logits (module attributes so tests can
+# shrink them).  Peak extra memory is a few tiles of temporaries.
+TOKEN_CHUNK = 128
 VOCAB_CHUNK = 4096
 
 
@@ -78,7 +79,7 @@ def _forward_rows(h32, labels, weight, bias, logit_scale, softcap, temperature):
         d = z - shift[:, None]
         e = torch.exp(d)
         s = s + e.sum(dim=1)
-        u = u + torch.where(e > 0, e * d, torch.zeros_like(e)).sum(dim=1)  # no mass at z = -inf
+        u = u + (e * d.clamp_(min=-1e4)).sum(dim=1)  # e = 0 where z = -inf: no mass (and no 0 * inf)
         m = new_m
         z_sum = z_sum + z.sum(dim=1)
         here = (labels >= v0) & (labels < v1)
@@ -138,16 +139,19 @@ class _LinearTokenLogprobs(torch.autograd.Function):
                 h = h32[t0:t1]
                 z, dz_dy = _logits_tile(h, weight, bias, v0, v1, logit_scale, softcap, temperature)
                 log_p = z - row_lse[t0:t1, None]
+                del z
                 p = torch.exp(log_p)
                 # d(g_lp * logprob + g_ent * entropy)/dz = g_lp * (onehot - p) - g_ent * p * (log p + H)
-                g_z = -p * g_lp[t0:t1, None]
+                g_y = p * -g_lp[t0:t1, None]
                 here = (lab[t0:t1] >= v0) & (lab[t0:t1] < v1)
                 col = (lab[t0:t1] - v0).clamp(0, v1 - v0 - 1)
-                g_z.scatter_add_(1, col[:, None], torch.where(here, g_lp[t0:t1], torch.zeros_like(g_lp[t0:t1]))[:, None])
+                g_y.scatter_add_(1, col[:, None], torch.where(here, g_lp[t0:t1], torch.zeros_like(g_lp[t0:t1]))[:, None])
                 if g_ent is not None:
-                    term = torch.where(p > 0, p * (log_p + row_ent[t0:t1, None]), torch.zeros_like(p))
-                    g_z = g_z - g_ent[t0:t1, None] * term
-                g_y = g_z * dz_dy  # through the temperature, the soft-cap and the scale
+                    # p = 0 where z = -inf: no contribution (clamping log p avoids 0 * inf).
+                    entropy_term = p.mul_(log_p.clamp_(min=-1e4).add_(row_ent[t0:t1, None]))
+                    g_y.sub_(entropy_term.mul_(g_ent[t0:t1, None]))
+                del log_p, p
+                g_y.mul_(dz_dy)  # through the temperature, the soft-cap and the scale: now dL/dy
                 if need_h:
                     grad_h32[t0:t1] += g_y @ w32
                 if need_w:

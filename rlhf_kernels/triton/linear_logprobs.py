@@ -69,10 +69,21 @@ def _tanh(x):
 
 
 @triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b in fp32.  Triton's interpreter mishandles bf16 operands of tl.dot, so under it
+    (``UPCAST``) the operands are widened first: a bf16/fp16 product is exact in fp32, so the
+    result is the one the tensor cores give."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, H, stride_h, stride_w,
                  logit_scale, softcap, temperature,
                  HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                 BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """z for rows x cols (fp32 [BLOCK_M, BLOCK_N]) and the tanh of the soft-cap (1.0 without it).
     ``rows`` and ``cols`` are int64 row indices of hidden and weight."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -83,7 +94,7 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, H, stride_
                     other=0.0)
         b = tl.load(w_ptr + cols[None, :] * stride_w + ks[:, None], mask=col_mask[None, :] & k_mask[:, None],
                     other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = _dot(a, b, acc, PRECISION, UPCAST)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     z = acc * logit_scale
@@ -104,6 +115,7 @@ def _fwd_kernel(
     logit_scale, softcap, temperature,
     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, WITH_EXTRAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_valid = tl.load(count_ptr)
@@ -125,7 +137,7 @@ def _fwd_kernel(
         col_mask = cols < V
         z, _ = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, H, stride_h, stride_w,
                             logit_scale, softcap, temperature, HAS_BIAS, SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K,
-                            PRECISION)
+                            PRECISION, UPCAST)
         z = tl.where(col_mask[None, :], z, -float("inf"))
         tile_max = tl.max(z, axis=1)
         m_new = tl.maximum(m, tile_max)
@@ -169,6 +181,7 @@ def _gy_kernel(
     logit_scale, softcap, temperature,
     HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_GRAD_ENT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -184,7 +197,7 @@ def _gy_kernel(
         col_mask = in_chunk & (cols < V)
         z, t = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, H, stride_h, stride_w,
                             logit_scale, softcap, temperature, HAS_BIAS, SOFTCAP, BLOCK_M, BLOCK_N, BLOCK_K,
-                            PRECISION)
+                            PRECISION, UPCAST)
         lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
         g_lp = tl.load(grad_lp_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
         log_p = z - lse[:, None]
@@ -210,6 +223,7 @@ def _grad_hidden_kernel(
     H, C, Cc, c0, stride_w,
     LOW: tl.constexpr, SOFT_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -232,7 +246,7 @@ def _grad_hidden_kernel(
                          mask=k_mask[:, None] & h_mask[None, :], other=0.0)
             if LOW:
                 g = cast_to(g, w_ptr.dtype.element_ty, SOFT_BF16)
-            acc = tl.dot(g, wt, acc, input_precision=PRECISION)
+            acc = _dot(g, wt, acc, PRECISION, UPCAST)
         tl.store(out, acc, mask=o_mask)
 
 
@@ -243,6 +257,7 @@ def _grad_weight_kernel(
     H, C, Cc, c0, stride_h,
     LOW: tl.constexpr, SOFT_BF16: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -262,7 +277,7 @@ def _grad_weight_kernel(
                     other=0.0)  # [BLOCK_K, BLOCK_H]
         if LOW:
             g = cast_to(g, h_ptr.dtype.element_ty, SOFT_BF16)
-        acc = tl.dot(g, x, acc, input_precision=PRECISION)
+        acc = _dot(g, x, acc, PRECISION, UPCAST)
     out = gw_ptr + (c0 + local.to(tl.int64))[:, None] * H + hs[None, :]
     tl.store(out, cast_to(acc, gw_ptr.dtype.element_ty, SOFT_BF16), mask=n_mask[:, None] & h_mask[None, :])
 
@@ -338,7 +353,7 @@ def linear_token_logprobs_forward(hidden, weight, bias, labels, logit_scale, sof
                float(logit_scale), float(softcap) if softcap > 0 else 1.0, float(temperature),
                HAS_BIAS=bias is not None, SOFTCAP=softcap > 0, WITH_ENTROPY=bool(with_entropy),
                WITH_EXTRAS=bool(with_extras), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-               PRECISION=_precision(hidden.dtype), num_warps=warps)
+               PRECISION=_precision(hidden.dtype), UPCAST=interpreting(), num_warps=warps)
     return logprob, lse, entropy, mean, top1.view(torch.bool)
 
 
@@ -376,23 +391,22 @@ def linear_token_logprobs_backward(grad_logprobs, grad_entropy, hidden, weight, 
                    H, V, C, c0, hidden.stride(0), weight.stride(0),
                    float(logit_scale), float(softcap) if softcap > 0 else 1.0, float(temperature),
                    HAS_BIAS=bias is not None, SOFTCAP=softcap > 0, HAS_GRAD_ENT=has_ent,
-                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=prec, num_warps=warps)
+                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=prec, UPCAST=soft, num_warps=warps)
             if want_h:
                 launch(_grad_hidden_kernel, (triton.cdiv(N, bm), triton.cdiv(H, bh)),
                        gy, weight, order, count, acc_h, H, C, Cc, c0, weight.stride(0),
                        LOW=low, SOFT_BF16=soft, BLOCK_M=bm, BLOCK_H=bh, BLOCK_K=bk, PRECISION=prec,
-                       num_warps=warps)
+                       UPCAST=soft, num_warps=warps)
             if want_w:
                 launch(_grad_weight_kernel, (triton.cdiv(Cc, bn), triton.cdiv(H, bh)),
                        gy, hidden, order, count, grad_w, H, C, Cc, c0, hidden.stride(0),
                        LOW=low, SOFT_BF16=soft, BLOCK_N=bn, BLOCK_H=bh, BLOCK_K=bk, PRECISION=prec,
-                       num_warps=warps)
+                       UPCAST=soft, num_warps=warps)
             if want_b:
                 grad_b[c0:c0 + Cc] = gy[:, :Cc].sum(dim=0)  # fixed-order reduction, fp32
-    empty = hidden.new_empty(0)
-    return (acc_h.to(hidden.dtype) if want_h else empty,
-            grad_w if want_w else empty,
-            grad_b.to(bias.dtype) if want_b else empty)
+    return (acc_h.to(hidden.dtype) if want_h else hidden.new_empty(0),
+            grad_w if want_w else weight.new_empty(0),
+            grad_b.to(bias.dtype) if want_b else hidden.new_empty(0))
 
 
 # ---------------------------------------------------------------------------------------------

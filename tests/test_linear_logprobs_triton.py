@@ -6,6 +6,7 @@ Shapes are small and not multiples of the kernels' blocks (under the interpreter
 vocabulary columns x 16 of H per tile, backward chunks of 64 columns), so every case crosses tile
 and chunk edges."""
 
+import math
 import os
 import subprocess
 import sys
@@ -321,24 +322,33 @@ _AOT = textwrap.dedent("""
                                    "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "PRECISION": prec, "UPCAST": False})
         sig = {"grad_lp_ptr": "*fp32", "grad_ent_ptr": "*fp32", "h_ptr": f"*{dt}", "w_ptr": f"*{dt}",
                "b_ptr": f"*{dt}", "labels_ptr": "*i64", "order_ptr": "*i64", "count_ptr": "*i32",
-               "lse_ptr": "*fp32", "entropy_ptr": "*fp32", "gy_ptr": "*fp32", "H": "i32", "V": "i32", "C": "i32",
-               "c0": "i32", "stride_h": "i32", "stride_w": "i32", "logit_scale": "fp32", "softcap": "fp32",
-               "temperature": "fp32", "HAS_BIAS": "constexpr", "SOFTCAP": "constexpr", "HAS_GRAD_ENT": "constexpr",
+               "lse_ptr": "*fp32", "entropy_ptr": "*fp32", "gy_ptr": "*fp32", "keep_ptr": "*i8", "H": "i32", "V": "i32",
+               "C": "i32", "c0": "i32", "stride_h": "i32", "stride_w": "i32", "n_tiles_n": "i32",
+               "logit_scale": "fp32", "softcap": "fp32", "temperature": "fp32", "filter_eps": "fp32",
+               "HAS_BIAS": "constexpr", "SOFTCAP": "constexpr", "HAS_GRAD_ENT": "constexpr", "FILTER": "constexpr",
                "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "PRECISION": "constexpr", "UPCAST": "constexpr"}
-        build(m._gy_kernel, sig, {"HAS_BIAS": True, "SOFTCAP": True, "HAS_GRAD_ENT": True, "BLOCK_M": bm,
-                                  "BLOCK_N": bn, "BLOCK_K": bk, "PRECISION": prec, "UPCAST": False})
+        for filt in (False, True):
+            build(m._gy_kernel, sig, {"HAS_BIAS": True, "SOFTCAP": True, "HAS_GRAD_ENT": True, "FILTER": filt,
+                                      "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "PRECISION": prec,
+                                      "UPCAST": False})
         sig = {"gy_ptr": "*fp32", "w_ptr": f"*{dt}", "order_ptr": "*i64", "count_ptr": "*i32", "acc_ptr": "*fp32",
-               "H": "i32", "C": "i32", "Cc": "i32", "c0": "i32", "stride_w": "i32", "LOW": "constexpr",
-               "SOFT_BF16": "constexpr", "BLOCK_M": "constexpr", "BLOCK_H": "constexpr", "BLOCK_K": "constexpr",
+               "keep_ptr": "*i8", "H": "i32", "C": "i32", "Cc": "i32", "c0": "i32", "stride_w": "i32",
+               "n_tiles_n": "i32", "LOW": "constexpr", "SOFT_BF16": "constexpr", "FILTER": "constexpr",
+               "TILE_N": "constexpr", "BLOCK_M": "constexpr", "BLOCK_H": "constexpr", "BLOCK_K": "constexpr",
                "PRECISION": "constexpr", "UPCAST": "constexpr"}
-        build(m._grad_hidden_kernel, sig, {"LOW": low, "SOFT_BF16": False, "BLOCK_M": bm, "BLOCK_H": bh,
-                                           "BLOCK_K": bk, "PRECISION": prec, "UPCAST": False})
+        for filt in (False, True):
+            build(m._grad_hidden_kernel, sig, {"LOW": low, "SOFT_BF16": False, "FILTER": filt, "TILE_N": bn,
+                                               "BLOCK_M": bm, "BLOCK_H": bh, "BLOCK_K": bk, "PRECISION": prec,
+                                               "UPCAST": False})
         sig = {"gy_ptr": "*fp32", "h_ptr": f"*{dt}", "order_ptr": "*i64", "count_ptr": "*i32", "gw_ptr": f"*{dt}",
-               "H": "i32", "C": "i32", "Cc": "i32", "c0": "i32", "stride_h": "i32", "LOW": "constexpr",
-               "SOFT_BF16": "constexpr", "BLOCK_N": "constexpr", "BLOCK_H": "constexpr", "BLOCK_K": "constexpr",
+               "keep_ptr": "*i8", "H": "i32", "C": "i32", "Cc": "i32", "c0": "i32", "stride_h": "i32",
+               "n_tiles_n": "i32", "LOW": "constexpr", "SOFT_BF16": "constexpr", "FILTER": "constexpr",
+               "TILE_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_H": "constexpr", "BLOCK_K": "constexpr",
                "PRECISION": "constexpr", "UPCAST": "constexpr"}
-        build(m._grad_weight_kernel, sig, {"LOW": low, "SOFT_BF16": False, "BLOCK_N": bn, "BLOCK_H": bh,
-                                           "BLOCK_K": bk, "PRECISION": prec, "UPCAST": False})
+        for filt in (False, True):
+            build(m._grad_weight_kernel, sig, {"LOW": low, "SOFT_BF16": False, "FILTER": filt, "TILE_M": bm,
+                                               "BLOCK_N": bn, "BLOCK_H": bh, "BLOCK_K": bk, "PRECISION": prec,
+                                               "UPCAST": False})
     print("AOT-OK")
 """)
 
@@ -358,3 +368,75 @@ def test_kernels_lower_to_sm90_cubin():
     if proc.returncode != 0 and "ptxas" in out and ("not found" in out or "No such file" in out):
         pytest.skip("no ptxas for the NVIDIA backend on this machine")
     assert proc.returncode == 0 and "AOT-OK" in proc.stdout, out[-4000:]
+
+
+def test_opt_in_gradient_filtering_error_bound():
+    """filter_eps (opt-in, launcher level): blocks whose probabilities are all below eps and that
+    hold no label are skipped.  Checks: such vocabulary tiles get exactly zero weight/bias gradient
+    where the exact one is not zero; every gradient stays within the documented bound
+    (logit_scale / T) * eps * (|g_lp| + |g_ent| (|log eps| + H)) summed against |W| or |h|; eps = 0
+    and an eps below every probability give the unfiltered bits."""
+    N, H, V, T, scale, eps = 30, 16, 300, 0.9, 1.2, 1e-3
+    hidden, weight, bias, labels = make(N, H, V, torch.float32, seed=11, n_ignored=4)
+    # labels in the first 64 columns; columns 64..95 hold a few probabilities above eps and no
+    # label (kept); past column 96 the mass is negligible (skipped), except the tile of label 250
+    col = torch.arange(V)
+    bias = torch.where(col < 64, 2.0, torch.where(col < 96, -1.0, -9.0)) + 0.1 * bias
+    labels = torch.where(labels == IGNORE, IGNORE, labels % 64)
+    labels[0] = 250  # a label in an otherwise negligible tile: that block is kept
+    lp, lse, ent, _, _ = OPS.linear_token_logprobs_fwd(hidden, weight, bias, labels, scale, 0.0, T, IGNORE, True,
+                                                       False)
+    g = torch.Generator().manual_seed(12)
+    g_lp, g_ent = torch.randn(N, generator=g), torch.randn(N, generator=g)
+    valid = labels != IGNORE
+    z = (scale * (hidden.double() @ weight.double().T + bias.double())) / T
+    p = torch.softmax(z, -1)
+    ent64 = torch.where(valid, -(p * torch.log(p)).sum(-1), 0.0)
+    bn = lin._bwd_config(torch.float32)[1]
+    for grad_ent in (None, g_ent):  # logprobs alone (the tight bound), then with the entropy term
+        args = (g_lp, grad_ent, hidden, weight, bias, labels, lse, ent, scale, 0.0, T, IGNORE, [True, True, True])
+        exact = lin.linear_token_logprobs_backward(*args)
+        filtered = lin.linear_token_logprobs_backward(*args, filter_eps=eps)
+        for a, b in zip(exact, lin.linear_token_logprobs_backward(*args, filter_eps=0.0)):
+            assert torch.equal(a, b)
+        for a, b in zip(exact, lin.linear_token_logprobs_backward(*args, filter_eps=1e-30)):
+            assert torch.equal(a, b)
+
+        skipped = []
+        for t0 in range(0, V, bn):
+            cols = slice(t0, min(t0 + bn, V))
+            holds_label = bool(((labels[valid] >= t0) & (labels[valid] < t0 + bn)).any())
+            if float(p[valid][:, cols].max()) < eps and not holds_label:
+                skipped.append(t0)
+                assert bool((filtered[1][cols] == 0).all()) and bool((filtered[2][cols] == 0).all())
+                assert bool((exact[1][cols] != 0).any())
+        assert skipped and 240 // bn * bn not in skipped  # the tile holding label 250 is kept
+        assert 64 not in skipped and float(p[valid][:, 64:96].max()) > 3 * eps
+        assert not torch.equal(exact[0], filtered[0])
+
+        per_row = g_lp.double().abs()
+        if grad_ent is not None:
+            per_row = per_row + g_ent.double().abs() * (abs(math.log(eps)) + ent64)
+        per_row = torch.where(valid, (scale / T) * eps * per_row, 0.0)
+        bound_h = per_row[:, None] * weight.double().abs().sum(0)[None, :]
+        bound_w = (per_row @ hidden.double().abs())[None, :].expand(V, H)
+        bound_b = per_row.sum().expand(V)
+        # Tighter: only entries with p < eps (and not the label) can be dropped, each by its own |g_y|.
+        y = (hidden.double() @ weight.double().T + bias.double()).requires_grad_(True)
+        logp = torch.log_softmax(scale * y / T, -1)
+        safe = torch.where(valid, labels, 0)
+        loss = (torch.where(valid, logp.gather(-1, safe[:, None])[:, 0], 0.0) * g_lp.double()).sum()
+        if grad_ent is not None:
+            loss = loss + (torch.where(valid, -(logp.exp() * logp).sum(-1), 0.0) * g_ent.double()).sum()
+        (gy,) = torch.autograd.grad(loss, y)
+        droppable = (p < eps) & valid[:, None] & (torch.arange(V)[None, :] != labels[:, None])
+        dropped = torch.where(droppable, gy.abs(), 0.0)
+        tight_h = dropped @ weight.double().abs()
+        tight_w = dropped.T @ hidden.double().abs()
+        tight_b = dropped.sum(0)
+        for got, ref, bound, tight, what in ((filtered[0], exact[0], bound_h, tight_h, "hidden"),
+                                             (filtered[1], exact[1], bound_w, tight_w, "weight"),
+                                             (filtered[2], exact[2], bound_b, tight_b, "bias")):
+            diff = (got.double() - ref.double()).abs()
+            assert bool((diff <= bound + 1e-6).all()), f"d/d{what}: {float((diff - bound).max()):.3g} over the bound"
+            assert bool((diff <= tight + 1e-6).all()), f"d/d{what}: {float((diff - tight).max()):.3g} over the mass of p < eps"

@@ -40,6 +40,11 @@ row index, lse and entropy: O(N * (H + C)), independent of V.  The g_y operand i
 input dtype before the two gradient matmuls (as the logits gradient of the unfused computation
 would be); the products accumulate in fp32 across vocabulary chunks and token tiles.
 
+Opt-in gradient filtering (``filter_eps > 0`` in :func:`linear_token_logprobs_backward`; the
+registered op always runs the exact path): ``_gy_kernel`` flags each ``BLOCK_M x BLOCK_N`` block
+whose probabilities are all below ``filter_eps`` and that holds no label, writes zeros for it, and
+the two gradient kernels skip the flagged blocks' products (one int8 flag per block of a chunk).
+
 Labels out of ``[0, V)`` (only from callers that skip the Python check) give a NaN log-prob for
 that row, like ``token_logprobs``; its gradient has no one-hot term.
 """
@@ -176,10 +181,10 @@ def _fwd_kernel(
 def _gy_kernel(
     # g_y for the columns [c0, c0 + C) of the compacted rows, into gy [N, C] fp32 (compacted order)
     grad_lp_ptr, grad_ent_ptr, h_ptr, w_ptr, b_ptr, labels_ptr, order_ptr, count_ptr, lse_ptr, entropy_ptr,
-    gy_ptr,
-    H, V, C, c0, stride_h, stride_w,
-    logit_scale, softcap, temperature,
-    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_GRAD_ENT: tl.constexpr,
+    gy_ptr, keep_ptr,
+    H, V, C, c0, stride_h, stride_w, n_tiles_n,
+    logit_scale, softcap, temperature, filter_eps,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_GRAD_ENT: tl.constexpr, FILTER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -212,6 +217,15 @@ def _gy_kernel(
         if SOFTCAP:
             g = g * (1.0 - t * t)
         g = tl.where(row_mask[:, None] & col_mask[None, :], g, 0.0)
+        if FILTER:
+            # Opt-in: drop the block when every probability in it is below filter_eps and it holds
+            # no label; the grad kernels then skip its products (flag 0).
+            live = row_mask[:, None] & col_mask[None, :]
+            p_max = tl.max(tl.max(tl.where(live, p, 0.0), axis=1), axis=0)
+            n_label = tl.sum(tl.sum(tl.where(live & (cols[None, :] == label[:, None]), 1, 0), axis=1), axis=0)
+            keep = (p_max >= filter_eps) | (n_label > 0)
+            g = tl.where(keep, g, 0.0)
+            tl.store(keep_ptr + pid_m * n_tiles_n + pid_n, keep.to(tl.int8))
         tl.store(gy_ptr + offs.to(tl.int64)[:, None] * C + local[None, :], g,
                  mask=row_mask[:, None] & in_chunk[None, :])
 
@@ -219,9 +233,9 @@ def _gy_kernel(
 @triton.jit
 def _grad_hidden_kernel(
     # acc[rows, :] += gy[:, :Cc] @ weight[c0:c0 + Cc, :]   (acc fp32 [N, H], indexed by original row)
-    gy_ptr, w_ptr, order_ptr, count_ptr, acc_ptr,
-    H, C, Cc, c0, stride_w,
-    LOW: tl.constexpr, SOFT_BF16: tl.constexpr,
+    gy_ptr, w_ptr, order_ptr, count_ptr, acc_ptr, keep_ptr,
+    H, C, Cc, c0, stride_w, n_tiles_n,
+    LOW: tl.constexpr, SOFT_BF16: tl.constexpr, FILTER: tl.constexpr, TILE_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -238,24 +252,28 @@ def _grad_hidden_kernel(
         o_mask = row_mask[:, None] & h_mask[None, :]
         acc = tl.load(out, mask=o_mask, other=0.0)
         for k0 in range(0, Cc, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_mask = ks < Cc
-            g = tl.load(gy_ptr + offs.to(tl.int64)[:, None] * C + ks[None, :],
-                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            wt = tl.load(w_ptr + (c0 + ks.to(tl.int64))[:, None] * stride_w + hs[None, :],
-                         mask=k_mask[:, None] & h_mask[None, :], other=0.0)
-            if LOW:
-                g = cast_to(g, w_ptr.dtype.element_ty, SOFT_BF16)
-            acc = _dot(g, wt, acc, PRECISION, UPCAST)
+            keep = 1
+            if FILTER:  # the g_y block (this token tile x vocabulary tile k0 // TILE_N) was kept?
+                keep = tl.load(keep_ptr + pid_m * n_tiles_n + k0 // TILE_N).to(tl.int32)
+            if keep != 0:
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_mask = ks < Cc
+                g = tl.load(gy_ptr + offs.to(tl.int64)[:, None] * C + ks[None, :],
+                            mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                wt = tl.load(w_ptr + (c0 + ks.to(tl.int64))[:, None] * stride_w + hs[None, :],
+                             mask=k_mask[:, None] & h_mask[None, :], other=0.0)
+                if LOW:
+                    g = cast_to(g, w_ptr.dtype.element_ty, SOFT_BF16)
+                acc = _dot(g, wt, acc, PRECISION, UPCAST)
         tl.store(out, acc, mask=o_mask)
 
 
 @triton.jit
 def _grad_weight_kernel(
     # grad_weight[c0 + j, :] = sum over valid tokens k of gy[k, j] * hidden[order[k], :]
-    gy_ptr, h_ptr, order_ptr, count_ptr, gw_ptr,
-    H, C, Cc, c0, stride_h,
-    LOW: tl.constexpr, SOFT_BF16: tl.constexpr,
+    gy_ptr, h_ptr, order_ptr, count_ptr, gw_ptr, keep_ptr,
+    H, C, Cc, c0, stride_h, n_tiles_n,
+    LOW: tl.constexpr, SOFT_BF16: tl.constexpr, FILTER: tl.constexpr, TILE_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -268,16 +286,20 @@ def _grad_weight_kernel(
     h_mask = hs < H
     acc = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
     for k0 in range(0, n_valid, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < n_valid
-        rows = tl.load(order_ptr + ks, mask=k_mask, other=0)
-        g = tl.load(gy_ptr + ks.to(tl.int64)[None, :] * C + local[:, None],
-                    mask=n_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
-        x = tl.load(h_ptr + rows[:, None] * stride_h + hs[None, :], mask=k_mask[:, None] & h_mask[None, :],
-                    other=0.0)  # [BLOCK_K, BLOCK_H]
-        if LOW:
-            g = cast_to(g, h_ptr.dtype.element_ty, SOFT_BF16)
-        acc = _dot(g, x, acc, PRECISION, UPCAST)
+        keep = 1
+        if FILTER:  # the g_y block (token tile k0 // TILE_M x this vocabulary tile) was kept?
+            keep = tl.load(keep_ptr + (k0 // TILE_M) * n_tiles_n + pid_n).to(tl.int32)
+        if keep != 0:
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_mask = ks < n_valid
+            rows = tl.load(order_ptr + ks, mask=k_mask, other=0)
+            g = tl.load(gy_ptr + ks.to(tl.int64)[None, :] * C + local[:, None],
+                        mask=n_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
+            x = tl.load(h_ptr + rows[:, None] * stride_h + hs[None, :], mask=k_mask[:, None] & h_mask[None, :],
+                        other=0.0)  # [BLOCK_K, BLOCK_H]
+            if LOW:
+                g = cast_to(g, h_ptr.dtype.element_ty, SOFT_BF16)
+            acc = _dot(g, x, acc, PRECISION, UPCAST)
     out = gw_ptr + (c0 + local.to(tl.int64))[:, None] * H + hs[None, :]
     tl.store(out, cast_to(acc, gw_ptr.dtype.element_ty, SOFT_BF16), mask=n_mask[:, None] & h_mask[None, :])
 
@@ -358,8 +380,15 @@ def linear_token_logprobs_forward(hidden, weight, bias, labels, logit_scale, sof
 
 
 def linear_token_logprobs_backward(grad_logprobs, grad_entropy, hidden, weight, bias, labels, lse, entropy,
-                                   logit_scale, softcap, temperature, ignore_index, output_mask):
-    """Gradients to hidden, weight and bias (empty tensors where ``output_mask`` is False)."""
+                                   logit_scale, softcap, temperature, ignore_index, output_mask, filter_eps=0.0):
+    """Gradients to hidden, weight and bias (empty tensors where ``output_mask`` is False).
+
+    ``filter_eps > 0`` (opt-in, off in the registered op) skips the gradient of every
+    ``BLOCK_M x BLOCK_N`` block of (token, vocabulary) pairs whose probabilities are all below
+    ``filter_eps`` and that holds no label (as Cut Cross-Entropy does).  Each dropped entry of
+    dL/dy is at most ``(logit_scale / temperature) * eps * (|g_logprob| + |g_entropy| * (|log eps| +
+    entropy))`` in magnitude (for eps < 1/e, with p |log p| <= eps |log eps|), so the hidden-state
+    gradient of a row moves by at most that times ``sum over dropped columns of |weight[v, :]|``."""
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
@@ -381,26 +410,33 @@ def linear_token_logprobs_backward(grad_logprobs, grad_entropy, hidden, weight, 
         bm, bn, bk, bh, warps = _bwd_config(hidden.dtype)
         C = _chunk_columns(N, V, bn)
         gy = torch.zeros((N, C), dtype=torch.float32, device=dev)  # rows past the valid count stay 0
+        filt = filter_eps > 0
+        # a flag covers whole BLOCK_K steps of both gradient kernels
+        assert bn % bk == 0 and bm % bk == 0, (bm, bn, bk)
+        n_tn = triton.cdiv(C, bn)
+        # one flag per (token tile, vocabulary tile) block of the chunk: 1 = its g_y block is kept
+        keep = torch.ones((triton.cdiv(N, bm), n_tn) if filt else (1,), dtype=torch.int8, device=dev)
         prec = _precision(hidden.dtype)
         soft = interpreting()
         for c0 in range(0, V, C):
             Cc = min(C, V - c0)
             launch(_gy_kernel, (triton.cdiv(N, bm), triton.cdiv(Cc, bn)),
                    g_lp, g_ent, hidden, weight, bias if bias is not None else hidden, labels, order, count, lse,
-                   entropy if has_ent else lse, gy,
-                   H, V, C, c0, hidden.stride(0), weight.stride(0),
+                   entropy if has_ent else lse, gy, keep,
+                   H, V, C, c0, hidden.stride(0), weight.stride(0), n_tn,
                    float(logit_scale), float(softcap) if softcap > 0 else 1.0, float(temperature),
-                   HAS_BIAS=bias is not None, SOFTCAP=softcap > 0, HAS_GRAD_ENT=has_ent,
+                   float(filter_eps),
+                   HAS_BIAS=bias is not None, SOFTCAP=softcap > 0, HAS_GRAD_ENT=has_ent, FILTER=filt,
                    BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=prec, UPCAST=soft, num_warps=warps)
             if want_h:
                 launch(_grad_hidden_kernel, (triton.cdiv(N, bm), triton.cdiv(H, bh)),
-                       gy, weight, order, count, acc_h, H, C, Cc, c0, weight.stride(0),
-                       LOW=low, SOFT_BF16=soft, BLOCK_M=bm, BLOCK_H=bh, BLOCK_K=bk, PRECISION=prec,
+                       gy, weight, order, count, acc_h, keep, H, C, Cc, c0, weight.stride(0), n_tn,
+                       LOW=low, SOFT_BF16=soft, FILTER=filt, TILE_N=bn, BLOCK_M=bm, BLOCK_H=bh, BLOCK_K=bk, PRECISION=prec,
                        UPCAST=soft, num_warps=warps)
             if want_w:
                 launch(_grad_weight_kernel, (triton.cdiv(Cc, bn), triton.cdiv(H, bh)),
-                       gy, hidden, order, count, grad_w, H, C, Cc, c0, hidden.stride(0),
-                       LOW=low, SOFT_BF16=soft, BLOCK_N=bn, BLOCK_H=bh, BLOCK_K=bk, PRECISION=prec,
+                       gy, hidden, order, count, grad_w, keep, H, C, Cc, c0, hidden.stride(0), n_tn,
+                       LOW=low, SOFT_BF16=soft, FILTER=filt, TILE_M=bm, BLOCK_N=bn, BLOCK_H=bh, BLOCK_K=bk, PRECISION=prec,
                        UPCAST=soft, num_warps=warps)
             if want_b:
                 grad_b[c0:c0 + Cc] = gy[:, :Cc].sum(dim=0)  # fixed-order reduction, fp32

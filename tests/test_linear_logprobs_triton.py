@@ -440,3 +440,23 @@ def test_opt_in_gradient_filtering_error_bound():
             diff = (got.double() - ref.double()).abs()
             assert bool((diff <= bound + 1e-6).all()), f"d/d{what}: {float((diff - bound).max()):.3g} over the bound"
             assert bool((diff <= tight + 1e-6).all()), f"d/d{what}: {float((diff - tight).max()):.3g} over the mass of p < eps"
+
+
+def test_backend_entry_point_shapes_and_registration():
+    """The backend function behind @register_impl: [..., H] hidden and [...] labels in, outputs
+    shaped like labels, only the requested extras; registered exactly when the public op exists."""
+    import rlhf_kernels as rk
+    from rlhf_kernels._registry import impls
+
+    assert ("linear_token_logprobs" in impls("triton")) == ("linear_token_logprobs" in rk.OPS)
+    hidden, weight, bias, labels = make(12, 16, 50, torch.float32, seed=13)
+    h3, l2 = hidden.view(3, 4, 16), labels.view(3, 4)
+    lp, ent, mean, top1 = lin.linear_token_logprobs(h3, weight, l2, bias, 0.8, IGNORE, True, False, True, 1.5, 4.0)
+    assert mean is None and lp.shape == ent.shape == top1.shape == (3, 4)
+    lp64, ent64, _, top164 = truth(hidden, weight, bias, labels, 1.5, 4.0, 0.8)
+    assert_close(lp.reshape(-1), lp64, "entry logprobs", scale=1 + float(lp64.abs().max()))
+    assert_close(ent.reshape(-1), ent64, "entry entropy", scale=1 + float(ent64.abs().max()))
+    assert torch.equal(top1.reshape(-1), top164)
+    lp_only = lin.linear_token_logprobs(h3, weight, l2, None, 1.0, IGNORE, False, False, False, 1.0, None)
+    assert lp_only[1:] == (None, None, None)
+    assert_close(lp_only[0].reshape(-1), truth(hidden, weight, None, labels, 1.0, 0.0, 1.0)[0], "entry no bias")

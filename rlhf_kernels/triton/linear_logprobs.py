@@ -520,10 +520,11 @@ linear_token_logprobs_fwd.register_autograd(_backward, setup_context=_setup_cont
 # Backend entry point (arguments already validated by rlhf_kernels._api)
 
 
-def linear_token_logprobs(hidden, weight, labels, bias, temperature, ignore_index, return_entropy,
-                          return_mean_logit, return_is_top1, logit_scale, softcap):
+def linear_token_logprobs(hidden, weight, labels, bias, logit_scale, softcap, temperature, ignore_index,
+                          return_entropy, return_mean_logit, return_is_top1):
     """hidden [..., H], labels [...] -> (logprobs, entropy or None, mean_logit or None, is_top1 or
-    None), each shaped like ``labels``; ``softcap`` None means no soft-cap."""
+    None), each shaped like ``labels``; ``softcap`` 0.0 (or None) means no soft-cap.  The argument
+    order is the one every backend of this op takes (see the public function)."""
     shape = labels.shape
     h2 = hidden.reshape(-1, hidden.shape[-1])
     extras = bool(return_mean_logit or return_is_top1)

@@ -57,6 +57,8 @@ GPU_TEST_FILES=(
   tests/test_extension.py
   tests/test_dispatch.py
   tests/test_triton_compile.py
+  tests/test_linear_logprobs.py
+  tests/test_linear_logprobs_triton.py
 )
 # Left out for time: torch.compile tracing (minutes with a cold cache) and the ahead-of-time sm_90
 # lowering (the kernels run for real here).

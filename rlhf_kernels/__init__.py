@@ -3,6 +3,9 @@
 Public API (see each function's docstring for shapes, dtypes and formulas)::
 
     token_logprobs(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False)
+    linear_token_logprobs(hidden, weight, labels, *, bias=None, temperature=1.0, ignore_index=-100,
+                          return_entropy=False, return_mean_logit=False, return_is_top1=False,
+                          logit_scale=1.0, softcap=None)
     kl_penalty(logprobs, ref_logprobs, *, estimator="k3")
     gae(rewards, values, mask, *, gamma=1.0, lam=0.95)
     ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None,

@@ -69,7 +69,7 @@ def test_auto_on_cpu_uses_the_compiled_kernels_where_they_were_measured_faster(m
     picked = {op: resolve(op, "auto", torch.device("cpu"), (torch.float32,))[0] for op in rk.OPS}
     assert picked == {
         "token_logprobs": "cpu", "gae": "cpu", "ppo_policy_loss": "cpu", "ppo_value_loss": "cpu",
-        "kl_penalty": "cpu", "dpo_loss": "cpu",
+        "kl_penalty": "cpu", "dpo_loss": "cpu", "linear_token_logprobs": "cpu",
     }
 
 

@@ -8,6 +8,8 @@ Every function validates its arguments (errors name the argument), picks a backe
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _validation as checks
@@ -88,6 +90,135 @@ def token_logprobs(
     _, fn = resolve("token_logprobs", backend, logits.device, (logits.dtype,))
     logprobs, entropy = fn(logits, labels, temperature, ignore_index, return_entropy)
     return (logprobs, entropy) if return_entropy else logprobs
+
+
+@public_op(family="linear_logprobs")
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    return_mean_logit: bool = False,
+    return_is_top1: bool = False,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    backend: str = "auto",
+):
+    """Log-probability of each label token straight from hidden states: the LM head fused with
+    :func:`token_logprobs`, so the ``[N, V]`` logits never exist (one tile of them at a time).
+
+    The exact formula, applied in this order in fp32 whatever the input dtype (the products
+    ``hidden @ weight.T`` accumulate in fp32, within and across vocabulary tiles)::
+
+        y = hidden @ weight.T + bias                          # bias optional
+        z = logit_scale * y
+        z = softcap * tanh(z / softcap)                       # only when softcap is not None
+        z = z / temperature
+        logprob    = z[label] - logsumexp(z)
+        entropy    = -sum_v softmax(z)_v * log softmax(z)_v
+        mean_logit = mean_v z_v
+        is_top1    = argmax_v z_v == label                    # first index wins a tie, as torch.argmax
+
+    i.e. exactly ``token_logprobs(z * temperature, labels, temperature=temperature)`` on the
+    unfused logits, and what TRL's fused LM head computes (its ``final_logit_softcapping`` is
+    ``softcap``, the model config's ``logit_scale`` is ``logit_scale``).
+
+    Args:
+        hidden: ``[..., H]`` float32, bfloat16 or float16 (float64 on the reference backend): the
+            final hidden states.  Never written to.
+        weight: ``[V, H]``, same dtype and device as ``hidden``: the LM head (it may be the input
+            embedding matrix of a model with tied embeddings; its gradient then adds to the
+            embedding's through autograd).
+        labels: ``[...]`` int64 (or int32), ``labels.shape == hidden.shape[:-1]``, already aligned
+            with ``hidden`` (the caller shifts), each in ``[0, V)`` or equal to ``ignore_index``.
+            The range is checked (``ValueError``) for CPU tensors, and for GPU tensors with
+            ``RLHF_KERNELS_DEBUG=1``; without it an out-of-range label on a GPU gives NaN for that
+            position.
+        bias: None or ``[V]``, same dtype and device as ``hidden``.
+        temperature: the sampling temperature, in ``[1.18e-38, 3.4e38]`` (as :func:`token_logprobs`).
+        ignore_index: label value of positions to skip (prompt, padding).  Those rows are never
+            projected (no matmul work), give 0 for logprob, entropy and mean_logit, False for
+            is_top1, and get a zero gradient.
+        return_entropy: also return the entropy of softmax(z).
+        return_mean_logit: also return the mean over the vocabulary of z (not differentiable).
+        return_is_top1: also return whether the label is the argmax of z (not differentiable).
+        logit_scale: finite, non-zero multiplier of the logits (some model configs' ``logit_scale``).
+        softcap: None, or the finite final-logit soft-cap c > 0 (Gemma-style ``final_logit_softcapping``).
+
+    Returns:
+        ``logprobs`` ``[...]`` float32 when no ``return_*`` flag is set; otherwise the tuple
+        ``(logprobs, entropy, mean_logit, is_top1)`` keeping only the requested ones, in that order:
+        entropy and mean_logit ``[...]`` float32, is_top1 ``[...]`` bool.  Gradients flow from
+        logprobs and entropy to ``hidden``, ``weight`` and ``bias``, equal to the unfused
+        computation's, returned in the input dtypes after fp32 accumulation over vocabulary and
+        token tiles; with ``dz/dy = logit_scale * (1 - tanh^2(logit_scale * y / softcap)) /
+        temperature`` (``logit_scale / temperature`` without soft-cap).
+
+    Memory: extra memory is O(N + one tile) (per-row statistics, the rows with a label gathered
+    in fp32, one fp32 logits tile), never O(N * V); backward recomputes the tiles.  Determinism:
+    results and gradients are the same bits from run to run on the same device and inputs (fixed
+    tile order, no floating-point atomics).
+    """
+    checks.check_float("hidden", hidden)
+    checks.check_float("weight", weight)
+    checks.check_tensor("labels", labels)
+    if bias is not None:
+        checks.check_float("bias", bias)
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have at least one dimension (the hidden size H), got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D [V, H] tensor, got shape {tuple(weight.shape)}")
+    vocab, width = weight.shape
+    if width != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, got shape {tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
+    if bias is not None:
+        if tuple(bias.shape) != (vocab,):
+            raise ValueError(f"bias must be None or a 1-D [V] tensor with V = weight.shape[0] = {vocab}, "
+                             f"got shape {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
+    if labels.dtype not in _INT_LABEL_DTYPES:
+        raise TypeError(f"labels must be an int64 (or int32) tensor, got {labels.dtype}")
+    checks.check_shape("labels", labels, hidden.shape[:-1], "hidden.shape[:-1]")
+    named = {"hidden": hidden, "weight": weight, "labels": labels}
+    if bias is not None:
+        named["bias"] = bias
+    checks.check_same_device(named)
+    temperature = checks.check_temperature(temperature)
+    logit_scale = checks.check_number("logit_scale", logit_scale)
+    if logit_scale == 0.0 or math.isinf(logit_scale):
+        raise ValueError(f"logit_scale must be a finite non-zero number, got {logit_scale}")
+    softcap = checks.check_range("softcap", softcap, 0.0, None, low_open=True, allow_none=True)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    flags = {"return_entropy": return_entropy, "return_mean_logit": return_mean_logit,
+             "return_is_top1": return_is_top1}
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    if vocab == 0 and labels.numel() > 0:
+        raise ValueError("weight must have at least one row (the vocabulary size V = weight.shape[0] is 0)")
+    labels = labels.long()
+    checks.check_labels(labels, vocab, ignore_index, vocab_name="weight.shape[0]")
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()  # the kernels read rows of the head; autograd routes the gradient back
+    dtypes = (hidden.dtype, weight.dtype) + ((bias.dtype,) if bias is not None else ())
+    _, fn = resolve("linear_token_logprobs", backend, hidden.device, dtypes)
+    logprobs, entropy, mean_logit, is_top1 = fn(
+        hidden, weight, labels, bias, logit_scale, 0.0 if softcap is None else softcap, temperature,
+        ignore_index, return_entropy, return_mean_logit, return_is_top1,
+    )
+    wanted = [t for t, want in ((entropy, return_entropy), (mean_logit, return_mean_logit),
+                                (is_top1, return_is_top1)) if want]
+    return (logprobs, *wanted) if wanted else logprobs
 
 
 @public_op(family="kl", cpu_auto_order=_REFERENCE_FIRST)

@@ -142,8 +142,9 @@ def check_choice(name: str, value, choices) -> str:
     return value
 
 
-def check_labels(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """Labels must lie in [0, V) or equal ignore_index.  Value check only where it costs no sync."""
+def check_labels(labels: torch.Tensor, vocab: int, ignore_index: int, vocab_name: str = "logits.shape[-1]") -> None:
+    """Labels must lie in [0, V) or equal ignore_index.  Value check only where it costs no sync.
+    ``vocab_name`` says where V comes from in the caller's arguments (for the message)."""
     if labels.device.type != "cpu" and not debug_checks_enabled():
         return
     if torch.compiler.is_compiling():
@@ -155,6 +156,6 @@ def check_labels(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
         idx = tuple(int(i) for i in bad.nonzero()[0])
         value = int(labels[idx])
         raise ValueError(
-            f"labels must be in [0, {vocab}) (the vocabulary size, logits.shape[-1]) or equal "
+            f"labels must be in [0, {vocab}) (the vocabulary size, {vocab_name}) or equal "
             f"ignore_index={ignore_index}; found {value} at index {idx}"
         )

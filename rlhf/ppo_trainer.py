@@ -232,7 +232,7 @@ class PPOTrainer:
         """``ppo_epochs`` passes over shuffled minibatches; returns per-minibatch statistics."""
         hp, backend, r = self.hp, self.hp.kernel_backend, rollout
         self.actor_critic.train()
-        B, R = r.responses.shape
+        B = r.responses.shape[0]
         labels = r.labels
         mb = hp.mini_batch_size // self.info.world_size
         stats = {k: [] for k in ("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "kl")}

@@ -198,6 +198,8 @@ stage_tests() {
 stage_bench_logprobs() {
   "$PY" benchmarks/run_all.py --device cuda --no-plots --only "$BENCH_FIRST" \
     --skip-providers torch_compile --budget $(( STAGE_LIMIT - 15 ))
+  # linear_token_logprobs at N=16384 H=4096 V=128256 bf16, every provider in its own process
+  "$PY" benchmarks/bench_linear_logprobs.py --device cuda --timeout 120
 }
 
 stage_bench_ops() {

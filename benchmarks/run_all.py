@@ -23,8 +23,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import common  # noqa: E402
-import report  # noqa: E402
+import common
+import report
 
 # token_logprobs last: it is the longest, and a --budget that runs out should cost it alone.
 SCRIPTS = ("bench_gae.py", "bench_losses.py", "bench_dpo.py", "bench_logprobs.py")
@@ -102,6 +102,19 @@ def main(argv=None) -> int:
         if code not in (0,):
             failed.append(script)
             print(out[-6000:], flush=True)
+
+    # linear_token_logprobs: its own driver (a fresh process per provider), rows under the same run id
+    if not only or "linear_logprobs" in only:
+        cmd = [sys.executable, str(HERE / "bench_linear_logprobs.py"), "--device", cfg.device,
+               "--results-dir", str(cfg.results_dir), "--run-id", cfg.run_id]
+        cmd += (["--quick"] if cfg.quick else []) + (["--threads", str(cfg.threads)] if cfg.threads else [])
+        t0 = time.time()
+        rc = subprocess.run(cmd, env=env, cwd=str(common.ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, check=False)
+        print(f"bench_linear_logprobs.py: exit {rc.returncode} in {time.time() - t0:.0f}s", flush=True)
+        print(rc.stdout[-3000:], flush=True)
+        if rc.returncode != 0:
+            failed.append("bench_linear_logprobs.py")
 
     path, text = report.write_report(cfg.results_dir, [cfg.run_id], plots=not args.no_plots)
     print(text)

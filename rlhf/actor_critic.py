@@ -12,13 +12,15 @@ import os
 import torch
 from torch import nn
 
-from .models import ScalarHead
+from .models import ScalarHead, fused_response_logprobs
 
 
 class ActorCritic(nn.Module):
-    """``forward`` returns the policy's whole logits ``[B, T, V]`` (not sliced: see
-    :func:`rlhf.models.response_logprobs`) and the values ``[B, R]`` of the ``response_length``
-    positions that predict the response tokens (position t predicts token t + 1).
+    """``forward`` returns the policy's log-probs and entropies ``[B, R]`` of the response ``labels``
+    ``[B, R]`` (the last R tokens), computed from its hidden states without calling the LM head (the
+    ``[B, T, V]`` logits never exist: :func:`rlhf.models.fused_response_logprobs`), and the values
+    ``[B, R]`` of the R positions that predict the response tokens (position t predicts token t + 1).
+    Both heads run inside this one ``forward``, so DDP wrapping this module syncs both.
     ``save_pretrained`` writes the policy in Hugging Face format and the critic beside it
     (``value_model/`` or ``value_head.pt``).
     """
@@ -40,20 +42,19 @@ class ActorCritic(nn.Module):
         """The critic's trainable module: the value model, or the value head."""
         return self.value_head if self.value_head is not None else self.value_model
 
-    def forward(self, input_ids, attention_mask, position_ids, response_length: int):
-        out = self.policy(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-            output_hidden_states=self.value_head is not None,
-        )
-        window = slice(-response_length - 1, -1)
+    def forward(self, input_ids, attention_mask, position_ids, labels, temperature: float = 1.0,
+                backend: str = "auto"):
+        R = labels.shape[1]
+        out = fused_response_logprobs(self.policy, input_ids, attention_mask, position_ids, labels, temperature,
+                                      backend, return_entropy=True, return_hidden=self.value_head is not None)
+        window = slice(-R - 1, -1)
         if self.value_head is not None:
-            values = self.value_head(out.hidden_states[-1][:, window]).squeeze(-1).float()
+            values = self.value_head(out.last_hidden_state[:, window]).squeeze(-1).float()
+            logprobs, entropy = out.logprobs, out.entropy
         else:
+            logprobs, entropy = out
             values = self.value_model(input_ids, attention_mask, position_ids)[:, window]
-        return out.logits, values
+        return logprobs, entropy, values
 
     def save_pretrained(self, path: str) -> None:
         self.policy.save_pretrained(path)

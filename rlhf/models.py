@@ -14,6 +14,7 @@ import os
 import torch
 
 import rlhf_kernels as rk
+from rlhf_kernels.integrations.hf import causal_lm_logprobs
 
 from .config import UserError
 from .data import IGNORE_INDEX, position_ids_from_mask
@@ -195,7 +196,8 @@ def logits_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
                     backend: str = "auto", return_entropy: bool = False):
     """Log-probs (and entropies) ``[B, T]`` of the next-token ``labels`` under the whole ``logits``
     ``[B, T, V]`` of a causal LM, labels not yet shifted (``labels[:, t]`` is token t; -100 where
-    not scored).  Column t is the log-prob of token t+1; the last column is 0."""
+    not scored).  Column t is the log-prob of token t+1; the last column is 0.  For callers that hold
+    logits already; the trainers use the fused :func:`token_logprobs` / :func:`fused_response_logprobs`."""
     return rk.token_logprobs(logits, shift_labels(labels), temperature=temperature, ignore_index=IGNORE_INDEX,
                              return_entropy=return_entropy, backend=backend)
 
@@ -203,33 +205,65 @@ def logits_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
 def token_logprobs(model, batch: dict, temperature: float = 1.0, backend: str = "auto",
                    return_entropy: bool = False):
     """Per-token log-probs of ``batch["labels"]`` under ``model``: ``[B, T-1]`` fp32, 0 where the
-    label is -100 (the shift is done here: position t predicts token t+1)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"], use_cache=False).logits
-    out = logits_logprobs(logits, batch["labels"], temperature, backend, return_entropy)
+    label is -100 (the shift is done here: position t predicts token t+1).
+
+    Fused: the model's LM head is never called; its last hidden state goes with the head's weight to
+    ``rlhf_kernels.linear_token_logprobs`` (:func:`rlhf_kernels.integrations.hf.causal_lm_logprobs`),
+    so the ``[B, T, V]`` logits never exist.  ``model`` may be wrapped by DDP (the call goes through
+    the wrapper, so gradients are synchronised)."""
+    out = causal_lm_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                             position_ids=batch["position_ids"], temperature=temperature,
+                             ignore_index=IGNORE_INDEX, return_entropy=return_entropy, backend=backend)
     return tuple(o[:, :-1] for o in out) if return_entropy else out[:, :-1]
 
 
 def sequence_logprobs(model, batch: dict, backend: str = "auto") -> torch.Tensor:
-    """``[B]`` fp32: log-probs summed over each row's completion (label != -100) tokens."""
+    """``[B]`` fp32: log-probs summed over each row's completion (label != -100) tokens (fused, as
+    :func:`token_logprobs`)."""
     return token_logprobs(model, batch, backend=backend).sum(-1)
+
+
+def pad_response_labels(labels: torch.Tensor, length: int) -> torch.Tensor:
+    """Response labels ``[B, R]`` padded on the left with -100 to the sequence ``length`` (unshifted)."""
+    return torch.nn.functional.pad(labels, (length - labels.shape[1], 0), value=IGNORE_INDEX)
+
+
+def fused_response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                            position_ids: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                            backend: str = "auto", return_entropy: bool = False, return_hidden: bool = False):
+    """Log-probs (and entropies) ``[B, R]`` of a response ``labels`` ``[B, R]`` that ends ``input_ids``,
+    from the causal LM ``model``'s hidden states (the LM head is never called).  With ``return_hidden``
+    the :class:`rlhf_kernels.integrations.hf.FusedLogprobs` is returned, its fields cut to the
+    response (``last_hidden_state`` stays whole)."""
+    R = labels.shape[1]
+    out = causal_lm_logprobs(model, input_ids, attention_mask, pad_response_labels(labels, input_ids.shape[1]),
+                             position_ids=position_ids, temperature=temperature, ignore_index=IGNORE_INDEX,
+                             return_entropy=return_entropy, backend=backend, return_hidden=True)
+    window = slice(-R - 1, -1)
+    out.logprobs = out.logprobs[:, window]
+    if out.entropy is not None:
+        out.entropy = out.entropy[:, window]
+    if return_hidden:
+        return out
+    return (out.logprobs, out.entropy) if return_entropy else out.logprobs
 
 
 @torch.no_grad()
 def policy_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                     temperature: float = 1.0, backend: str = "auto", return_entropy: bool = False):
     """Log-probs ``[B, R]`` of a response ``labels`` (``[B, R]``, -100 where masked) that ends
-    ``input_ids`` (prompt + response, left-padded prompts), under a causal LM, without gradients."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
-    return response_logprobs(logits, labels, temperature, backend, return_entropy)
+    ``input_ids`` (prompt + response, left-padded prompts), under a causal LM, without gradients
+    (fused: the LM head is never called, see :func:`token_logprobs`)."""
+    return fused_response_logprobs(model, input_ids, attention_mask, position_ids_from_mask(attention_mask), labels,
+                                   temperature, backend, return_entropy)
 
 
 def response_logprobs(logits: torch.Tensor, response_labels: torch.Tensor, temperature: float = 1.0,
                       backend: str = "auto", return_entropy: bool = False):
     """Log-probs (and entropies) ``[B, R]`` of the last ``R`` tokens of a sequence from the whole logits
     ``[B, T, V]``: the labels are padded on the left with -100 to ``[B, T]`` and shifted, so the
-    logits are never sliced (see :func:`shift_labels`)."""
+    logits are never sliced (see :func:`shift_labels`).  For callers that hold logits already; the
+    trainers use :func:`fused_response_logprobs`, which never makes them."""
     R = response_labels.shape[1]
     labels = torch.nn.functional.pad(response_labels, (logits.shape[1] - R, 0), value=IGNORE_INDEX)
     out = logits_logprobs(logits, labels, temperature, backend, return_entropy)

@@ -6,7 +6,8 @@
    a response ends at its first EOS.
 2. :meth:`~PPOTrainer.score`: the reward model's scalar head read at the last response token (minus
    a penalty when a response has no EOS, then clipped and optionally whitened); per-token log-probs
-   of the policy (with the entropy, one ``rlhf_kernels.token_logprobs`` pass) and of the frozen
+   of the policy (with the entropy, one ``rlhf_kernels.linear_token_logprobs`` pass on the hidden
+   states: the LM head never makes the logits) and of the frozen
    reference; per-token values of the critic.
 3. :meth:`~PPOTrainer.advantages`: rewards r_t = -kl_coef * KL_t (``rlhf_kernels.kl_penalty``, k1 by
    default) plus the score at the last token (or, with ``kl_in_reward=False``, the score alone and a
@@ -32,7 +33,7 @@ import rlhf_kernels as rk
 from .actor_critic import ActorCritic
 from .distributed import DistInfo, all_reduce_sum, masked_whiten_global, wrap_ddp
 from .kl_control import make_kl_controller
-from .models import ScalarHead, policy_logprobs, response_logprobs
+from .models import ScalarHead, policy_logprobs
 from .rollout import Rollout, sample_rollout
 from .trainer_utils import build_optimizer, build_scheduler, clip_grad_norm
 
@@ -193,9 +194,8 @@ class PPOTrainer:
     def score(self, prompts: list[list[int]], rollout: Rollout) -> Scored:
         """Rewards, log-probs of the policy (with entropy) and the reference, and values."""
         hp, backend, r = self.hp, self.hp.kernel_backend, rollout
-        logits, values = self.actor_critic(r.input_ids, r.attention_mask, r.position_ids, r.response_length)
-        old_logprobs, entropy = response_logprobs(logits, r.labels, hp.temperature, backend, return_entropy=True)
-        del logits
+        old_logprobs, entropy, values = self.actor_critic(r.input_ids, r.attention_mask, r.position_ids, r.labels,
+                                                          hp.temperature, backend)
         ref_logprobs = policy_logprobs(self.ref_policy, r.input_ids, r.attention_mask, r.labels,
                                        hp.temperature, backend)
         if self.reward_fn is not None:
@@ -232,7 +232,7 @@ class PPOTrainer:
         """``ppo_epochs`` passes over shuffled minibatches; returns per-minibatch statistics."""
         hp, backend, r = self.hp, self.hp.kernel_backend, rollout
         self.actor_critic.train()
-        B, R = r.responses.shape
+        B = r.responses.shape[0]
         labels = r.labels
         mb = hp.mini_batch_size // self.info.world_size
         stats = {k: [] for k in ("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "kl")}
@@ -241,9 +241,9 @@ class PPOTrainer:
             for start in range(0, B, mb):
                 idx = order[start:start + mb]
                 m = r.response_mask[idx]
-                logits, new_values = self.model(r.input_ids[idx], r.attention_mask[idx], r.position_ids[idx], R)
-                logprobs, new_entropy = response_logprobs(logits, labels[idx], hp.temperature, backend,
-                                                          return_entropy=True)
+                logprobs, new_entropy, new_values = self.model(r.input_ids[idx], r.attention_mask[idx],
+                                                               r.position_ids[idx], labels[idx], hp.temperature,
+                                                               backend)
                 pg_loss, pg_stats = rk.ppo_policy_loss(
                     logprobs, scored.old_logprobs[idx], adv.advantages[idx], m, clip_low=hp.clip_low,
                     clip_high=hp.clip_high, dual_clip=hp.dual_clip, agg=hp.loss_agg, backend=backend)

@@ -46,20 +46,28 @@ export RLHF_KERNELS_JIT=0  # the extension is built by the build stage, never ju
 export RLHF_KERNELS_CUDA_ARCH=${RLHF_KERNELS_CUDA_ARCH:-90}
 export MAX_JOBS=${MAX_JOBS:-16}
 
-# The GPU subset of the tests (tests/test_gpu_check_script.py checks that these exist).
-GPU_TEST_FILES=(
-  tests/test_token_logprobs.py
-  tests/test_losses.py
-  tests/test_gae.py
-  tests/test_masked.py
-  tests/test_kernel_edge_cases.py
-  tests/test_triton_launch.py
-  tests/test_extension.py
-  tests/test_dispatch.py
-  tests/test_triton_compile.py
-  tests/test_linear_logprobs.py
-  tests/test_linear_logprobs_triton.py
+# The GPU subset of the tests: every tests/test_*.py except the files below, which test CPU-only
+# machinery (so a new op's test file is in the subset without an edit here).  The Triton
+# token_logprobs kernel tests are left out for time: their cases run again through the public op.
+# tests/test_gpu_check_script.py checks that these exist and that the subset covers every op.
+GPU_TEST_EXCLUDE=(
+  tests/test_bad_input.py
+  tests/test_benchmarks_smoke.py
+  tests/test_cpu_op_checks.py
+  tests/test_cuda_glue_source.py
+  tests/test_gpu_check_script.py
+  tests/test_integration_hf.py
+  tests/test_integration_openrlhf.py
+  tests/test_integration_verl.py
+  tests/test_properties.py
+  tests/test_registry.py
+  tests/test_run_script.py
+  tests/test_triton_logprobs_kernel.py
 )
+GPU_TEST_FILES=()
+for f in tests/test_*.py; do
+  [[ " ${GPU_TEST_EXCLUDE[*]} " == *" $f "* ]] || GPU_TEST_FILES+=("$f")
+done
 # Left out for time: torch.compile tracing (minutes with a cold cache) and the ahead-of-time sm_90
 # lowering (the kernels run for real here).
 GPU_TEST_DESELECT="not test_compile_fullgraph_every_op_with_backward and not test_kernels_lower_to_sm90_cubin"

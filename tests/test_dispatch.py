@@ -66,11 +66,10 @@ def test_auto_on_cpu_uses_the_compiled_kernels_where_they_were_measured_faster(m
 
     if rk.available_backends("gae", "cpu", torch.float32)["cpu"] is not None:
         pytest.skip("the cpu backend is not built here")
+    # Every op the cpu backend implements: derived from the op set, so a new op is covered unlisted.
     picked = {op: resolve(op, "auto", torch.device("cpu"), (torch.float32,))[0] for op in rk.OPS}
-    assert picked == {
-        "token_logprobs": "cpu", "gae": "cpu", "ppo_policy_loss": "cpu", "ppo_value_loss": "cpu",
-        "kl_penalty": "cpu", "dpo_loss": "cpu", "linear_token_logprobs": "cpu",
-    }
+    assert picked == {op: "cpu" for op in rk.OPS}
+    assert "token_logprobs" in picked and "gae" in picked  # the op set is not empty by accident
 
 
 def test_auto_on_cuda_prefers_triton_when_it_qualifies():

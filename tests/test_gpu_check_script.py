@@ -36,6 +36,23 @@ def _scalar(name: str) -> str:
     return m.group(2)
 
 
+def _gpu_test_files() -> list[str]:
+    """The subset as the script derives it: every tests/test_*.py not in GPU_TEST_EXCLUDE."""
+    excluded = set(_array("GPU_TEST_EXCLUDE"))
+    return sorted(f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py") if f"tests/{p.name}" not in excluded)
+
+
+def test_the_script_derives_the_same_subset():
+    """The bash loop of the script and _gpu_test_files() agree (the script is the one that runs)."""
+    m = re.search(r"^GPU_TEST_EXCLUDE=\(.*?^done$", _text(), re.S | re.M)
+    assert m, "the GPU_TEST_EXCLUDE block and its loop were not found"
+    proc = subprocess.run(["bash", "-c", m.group(0) + '\nprintf "%s\\n" "${GPU_TEST_FILES[@]}"'],
+                          cwd=ROOT, capture_output=True, text=True, check=True)
+    assert proc.stdout.split() == _gpu_test_files()
+    for f in _array("GPU_TEST_EXCLUDE"):
+        assert (ROOT / f).is_file(), f"GPU_TEST_EXCLUDE names {f}, which does not exist"
+
+
 def test_script_is_valid_bash():
     assert SCRIPT.exists()
     proc = subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True)
@@ -49,7 +66,7 @@ def test_script_passes_shellcheck():
 
 
 def test_every_test_file_and_deselected_test_exists():
-    files = _array("GPU_TEST_FILES")
+    files = _gpu_test_files()
     assert files, "no test files named"
     for f in files:
         assert (ROOT / f).is_file(), f"gpu_check.sh names {f}, which does not exist"
@@ -63,7 +80,7 @@ def test_every_test_file_and_deselected_test_exists():
 
 def test_the_subset_covers_every_op_and_the_big_shapes():
     """Every op's values and gradients, large vocabularies and offsets past 2^31."""
-    files = _array("GPU_TEST_FILES")
+    files = _gpu_test_files()
     sources = "\n".join((ROOT / f).read_text() for f in files)
     import rlhf_kernels as rk
 
@@ -75,7 +92,7 @@ def test_the_subset_covers_every_op_and_the_big_shapes():
 
 def test_the_subset_collects_with_the_scripts_arguments():
     """The same file list and -k expression select tests (here on CPU; 0 selected would be a bug)."""
-    files = _array("GPU_TEST_FILES")
+    files = _gpu_test_files()
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider", "-m", "not slow",
          "-k", _scalar("GPU_TEST_DESELECT"), *files],
@@ -191,7 +208,7 @@ def test_stages_run_in_order_with_the_right_settings(tmp_path):
     tests = [c for c in calls if "-m pytest -q" in c]
     assert len(tests) == 1, calls
     assert "DEVICE=cuda" in tests[0] and "REQUIRE=triton,cuda" in tests[0], tests[0]
-    for f in _array("GPU_TEST_FILES"):
+    for f in _gpu_test_files():
         assert f in tests[0], f
     assert _scalar("GPU_TEST_DESELECT") in tests[0]
     bench = [c for c in calls if "run_all.py" in c]

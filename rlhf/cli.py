@@ -60,6 +60,11 @@ def _pipeline(argv: list[str]) -> int:
 COMMANDS.update(ppo=_ppo, pipeline=_pipeline)
 
 
+# What the ``[pipeline]`` extra adds to a kernels-only install (``pip install rlhf-kernels``), by the
+# module name an import of it fails with.
+PIPELINE_MODULES = {"transformers": "transformers", "yaml": "PyYAML"}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -71,7 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"rlhf: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    return COMMANDS[name](rest) or 0
+    try:
+        return COMMANDS[name](rest) or 0
+    except ModuleNotFoundError as e:
+        missing = (e.name or "").split(".")[0]
+        if missing not in PIPELINE_MODULES:
+            raise
+        print(f"rlhf {name}: error: {PIPELINE_MODULES[missing]} is not installed; the training pipeline needs "
+              f"{' and '.join(PIPELINE_MODULES.values())}: pip install 'rlhf-kernels[pipeline]'", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ except Exception as exc:  # noqa: BLE001 - any import failure of the peer means 
     pytest.skip(f"TRL is not importable here ({type(exc).__name__}: {exc}); pip install '.[trl]'",
                 allow_module_level=True)
 
-from rlhf_kernels.integrations import trl as rk_trl  # noqa: E402
+from rlhf_kernels.integrations import trl as rk_trl
 
 # TRL's own objects, captured before any apply()
 TRL_CHUNKED = getattr(trl_utils, "_ChunkedLogProbFunction", None)
@@ -105,7 +105,10 @@ def test_chunked_head_equals_trls(bias, temperature, softcap, scale, outputs):
         if e is None:
             continue
         assert a.dtype == e.dtype and a.shape == e.shape, name
-        assert a.requires_grad == e.requires_grad, name
+        if name == "entropy" and "bias" not in inspect.signature(TRL_CHUNKED.forward).parameters:
+            assert not a.requires_grad  # TRL 1.1-1.12's backward drops the entropy's gradient
+        else:
+            assert a.requires_grad == e.requires_grad, name
         if e.dtype == torch.bool:
             assert torch.equal(a, e), name
         else:
@@ -180,11 +183,12 @@ def test_add_fused_lm_head_forward_equals_trls(config):
 def test_chunked_head_largest_allocation_is_smaller():
     """Peak memory proxy on CPU (torch's allocator has no peak counter there): the largest single
     allocation during forward + backward, from torch.profiler, at TRL's own chunk size (32768, what
-    add_fused_lm_head passes).  TRL allocates a [min(N, 4096), chunk] buffer; ours one fp32 tile."""
+    add_fused_lm_head passes).  TRL allocates a [min(N, 4096), chunk] buffer; ours one fp32 tile,
+    smaller than the [N, V] logits."""
     from torch.profiler import ProfilerActivity, profile
 
     g = torch.Generator().manual_seed(0)
-    n, h, v = 256, 32, 3000
+    n, h, v = 256, 32, 8000
     hidden, weight = torch.randn(n, h, generator=g), torch.randn(v, h, generator=g)
     targets = torch.randint(0, v, (n,), generator=g)
 
@@ -199,7 +203,7 @@ def test_chunked_head_largest_allocation_is_smaller():
     theirs = largest(TRL_CHUNKED)
     rk_trl.apply()
     ours = largest(trl_utils._ChunkedLogProbFunction)
-    assert 0 < ours <= theirs, (ours, theirs)
+    assert 0 < ours <= theirs and ours < n * v * 4, (ours, theirs)
 
 
 # ----------------------------------------------------------------------------- the log-softmax helpers
@@ -342,7 +346,7 @@ def test_apply_patches_every_importer_and_undo_restores_exactly():
             <= before.keys()
     rk_trl.apply()
     rk_trl.apply()  # idempotent
-    ours = [*rk_trl._OURS.values(), trl_utils._ChunkedLogProbFunction]
+    ours = [*rk_trl._OURS.values(), *([trl_utils._ChunkedLogProbFunction] if TRL_CHUNKED is not None else [])]
     assert _trl_bindings(_trl_objects()) == {}
     during = _trl_bindings(ours)
     assert during.keys() == before.keys()
@@ -417,8 +421,8 @@ def model_dir(tmp_path_factory):
 
 
 def _count(monkeypatch):
-    """Count calls of our kernel (through rk.linear_token_logprobs, as the adapter calls it) and of
-    TRL's own chunked function's forward."""
+    """Count calls of our kernels (rk.linear_token_logprobs for the LM head, rk.token_logprobs for
+    the log-softmax helpers, as the adapter calls them) and of TRL's own chunked function's forward."""
     calls = {"ours": 0, "trl": 0}
 
     def counting(key, fn):
@@ -430,6 +434,7 @@ def _count(monkeypatch):
         return wrapper
 
     monkeypatch.setattr(rk, "linear_token_logprobs", counting("ours", rk.linear_token_logprobs))
+    monkeypatch.setattr(rk, "token_logprobs", counting("ours", rk.token_logprobs))
     if TRL_CHUNKED is not None:
         monkeypatch.setattr(TRL_CHUNKED, "forward", staticmethod(counting("trl", TRL_CHUNKED.forward)))
     return calls

@@ -13,7 +13,7 @@ What ``apply()`` changes (each undone by ``undo()``), in ``trl.trainer.utils`` a
   ``trl.kernels.chunked_logprob``, TRL 1.15+; ``_ChunkedLogProbFunction`` in ``trl.trainer.utils``,
   TRL 1.1+, and in the trainers that import it, TRL 1.14) -> an object whose ``apply`` runs
   :func:`rlhf_kernels.linear_token_logprobs` with TRL's arguments and returns what TRL's returned:
-  ``(log_probs, entropy)`` before 1.15; ``(log_probs, entropy, log_sum_sq_probs, mean_logits,
+  ``(log_probs, entropy)`` before 1.15 (the entropy without gradient before 1.13, as TRL's); ``(log_probs, entropy, log_sum_sq_probs, mean_logits,
   is_top1)``, each computed only when asked for in ``outputs``, from 1.15 (what
   ``add_fused_lm_head`` calls, and so ``GRPOTrainer``, ``DPOTrainer``, ``RLOOTrainer``, ``KTOTrainer``
   and ``SFTTrainer``).  TRL's model patching, label shifting, masking, loss and MoE auxiliary loss are
@@ -162,6 +162,9 @@ def _chunked_replacement(original, version):
         )
     signature = inspect.Signature(params)
     five = "outputs" in names
+    # TRL 1.1-1.12 (the forms without a bias) drop the entropy's gradient in their backward: the
+    # entropy they return carries none, so ours comes back detached.  1.13 added both.
+    entropy_grad = "bias" in names
 
     class ChunkedLogProbFunction:
         """TRL's chunked LM-head function, computed by :func:`rlhf_kernels.linear_token_logprobs`
@@ -181,7 +184,9 @@ def _chunked_replacement(original, version):
             res = fused_lm_head_logprobs(hidden, a["weight"], a.get("bias"), a["targets"], a["temperature"],
                                          softcap=a.get("softcap"), logit_scale=a["logit_scale"],
                                          outputs=("log_probs",) + tuple(o for o in outputs if o != "log_probs"))
-            return res if five else res[:2]
+            if five:
+                return res
+            return res[0], res[1] if entropy_grad else res[1].detach()
 
     ChunkedLogProbFunction.__module__ = __name__
     ChunkedLogProbFunction.__qualname__ = f"ChunkedLogProbFunction[{original.__qualname__}]"

@@ -58,6 +58,7 @@ GPU_TEST_EXCLUDE=(
   tests/test_gpu_check_script.py
   tests/test_integration_hf.py
   tests/test_integration_openrlhf.py
+  tests/test_integration_trl.py
   tests/test_integration_verl.py
   tests/test_properties.py
   tests/test_registry.py

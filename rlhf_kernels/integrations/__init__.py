@@ -2,8 +2,9 @@
 
 - :mod:`rlhf_kernels.integrations.hf`: per-token log-probs of any Hugging Face causal LM straight from
   its hidden states (the LM head fused into :func:`rlhf_kernels.linear_token_logprobs`).
-- :mod:`rlhf_kernels.integrations.verl`, :mod:`rlhf_kernels.integrations.openrlhf`: patch the
-  peer trainers' hot functions with this package's kernels, undoably.
+- :mod:`rlhf_kernels.integrations.trl`, :mod:`rlhf_kernels.integrations.verl`,
+  :mod:`rlhf_kernels.integrations.openrlhf`: patch the peer trainers' hot functions with this
+  package's kernels, undoably.
 
 Each submodule imports its peer only when its adapter is called, so importing this package never
 pulls in verl, OpenRLHF, TRL or their dependencies.

@@ -60,6 +60,7 @@ GPU_TEST_EXCLUDE=(
   tests/test_integration_openrlhf.py
   tests/test_integration_trl.py
   tests/test_integration_verl.py
+  tests/test_kernels_only_install.py
   tests/test_properties.py
   tests/test_registry.py
   tests/test_run_script.py

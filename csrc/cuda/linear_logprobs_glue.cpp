@@ -9,8 +9,8 @@
 // cuBLAS with fp32 accumulation AND an fp32 result), so a logit is never rounded to bf16/fp16; fp32
 // operands use plain mm (under PyTorch's fp32 matmul precision setting: TF32 only if the user allows it).
 // One tile holds all M rows: C = clamp(2^26 / max(M, H), 256, 8192) rounded down to a multiple of 128,
-// so the fp32 tile (and, in the backward, an fp32 [C, H] weight-gradient tile) is at most 256 MiB and
-// the GEMMs stay large.  Vocabulary tiles run in increasing order: a fixed order, the same bits every run.
+// so the fp32 tile (and, in the backward, an fp32 [C, H] weight-gradient tile) is at most 256 MiB
+// (unless M or H exceeds 2^18, where C = 256 sets it) and the GEMMs stay large.  Vocabulary tiles run in increasing order: a fixed order, the same bits every run.
 //
 // Forward: after each tile's GEMM the fold kernel folds it into per-row statistics (device memory,
 // O(M)); after the last tile a finish kernel writes the outputs to the valid rows (ignored rows keep

@@ -504,7 +504,10 @@ def test_empty_input(backend):
 def test_deterministic(backend, dtype):
     """The same bits run to run, gradients included."""
     require(backend, OP, dtype)
-    hidden, weight, b, labels = make_case((300,), 32, 4500, dtype, seed=16, ignore_frac=0.2)
+    n, vocab = 300, 4500
+    if backend == "triton" and DEVICE == "cpu":
+        n, vocab = 40, 301  # still several of the interpreter's tiles; the full size takes minutes there
+    hidden, weight, b, labels = make_case((n,), 32, vocab, dtype, seed=16, ignore_frac=0.2)
 
     def once():
         h, w, bb = _leaves(hidden, weight, b)

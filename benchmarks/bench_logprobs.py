@@ -5,7 +5,12 @@ Providers: every rlhf_kernels backend that runs here; ``eager`` = what TRL, Open
 for backward); ``torch_compile`` = that same defining formula under ``torch.compile`` (the reference
 backend computes it in row chunks with a hand-written backward to bound eager memory, a strategy
 inductor replaces with its own fusion); ``liger`` = Liger-Kernel's cross entropy with
-``reduction="none"`` (minus the per-token loss is the log-prob), where installed.
+``reduction="none"`` (minus the per-token loss is the log-prob), where installed.  The peers' own
+helpers, each where its package imports: ``trl_selective_log_softmax`` (TRL's
+``trl.trainer.utils.selective_log_softmax``: its Triton kernel on CUDA where it qualifies, else a loop
+over rows: gather + logsumexp for fp32, log_softmax + gather for bf16/fp16), ``verl_logprobs_from_logits`` (``verl.utils.torch_functional.logprobs_from_logits``,
+flash-attn's cross entropy where flash-attn is installed, else log_softmax + gather) and
+``openrlhf_log_probs_from_logits`` (``openrlhf.models.utils.log_probs_from_logits``).
 
 Minimum traffic: forward reads the logits once (N V bytes) plus labels and writes N fp32;
 backward reads the logits again and writes the gradient; forward + backward = 3 N V bytes.
@@ -60,6 +65,24 @@ def _liger():
     return lambda inp: -loss(inp.args["logits"], inp.args["labels"])
 
 
+def _trl():
+    from trl.trainer.utils import selective_log_softmax
+
+    return lambda inp: selective_log_softmax(inp.args["logits"], inp.args["labels"])
+
+
+def _verl():
+    from verl.utils.torch_functional import logprobs_from_logits
+
+    return lambda inp: logprobs_from_logits(inp.args["logits"], inp.args["labels"])
+
+
+def _openrlhf():
+    from openrlhf.models.utils import log_probs_from_logits
+
+    return lambda inp: log_probs_from_logits(inp.args["logits"], inp.args["labels"])
+
+
 def _floor(shape, dtype, mode):
     n, v = shape["N"], shape["V"]
     s = torch.finfo(dtype).bits // 8
@@ -79,8 +102,14 @@ BENCHES = [
         compiled_fn=_compiled,
         liger_fn=_liger,
         atol=2e-3,
-        # Liger may round its per-token loss to the input dtype (bf16: 8 bits of mantissa)
-        provider_tol={"liger": (1e-2, 1e-2)},
+        # Liger and TRL may round their result to the input dtype (bf16: 8 bits of mantissa)
+        provider_tol={"liger": (1e-2, 1e-2), "trl_selective_log_softmax": (1e-2, 1e-2),
+                      "verl_logprobs_from_logits": (1e-2, 1e-2), "openrlhf_log_probs_from_logits": (1e-2, 1e-2)},
+        peers={
+            "trl_selective_log_softmax": ("trl.trainer.utils", _trl),
+            "verl_logprobs_from_logits": ("verl.utils.torch_functional", _verl),
+            "openrlhf_log_probs_from_logits": ("openrlhf.models.utils", _openrlhf),
+        },
     )
 ]
 

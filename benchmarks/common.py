@@ -382,6 +382,9 @@ class OpBench:
     atol: float = 1e-3
     label: str = ""                  # row label where a family benchmarks one op in two ways
     provider_tol: dict = field(default_factory=dict)  # provider -> (rtol, atol) overriding the above
+    # Peer libraries' own functions for this op: provider -> (module that must import, builder of
+    # the provider function); skipped with the reason where the module is not installed.
+    peers: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -419,6 +422,8 @@ def providers(bench: OpBench, cfg: Config, dtype: torch.dtype) -> dict[str, str 
         out["liger"] = "Liger-Kernel (liger_kernel) is not installed"
     else:
         out["liger"] = None
+    for name, (module, _) in bench.peers.items():
+        out[name] = None if _importable(module) else f"{module} is not importable here"
     for name in list(out):
         if cfg.only_providers and name not in cfg.only_providers:
             out[name] = out[name] or "not selected (--providers)"
@@ -427,8 +432,17 @@ def providers(bench: OpBench, cfg: Config, dtype: torch.dtype) -> dict[str, str 
     return out
 
 
+def _importable(module: str) -> bool:
+    try:
+        __import__(module)
+    except Exception:  # not installed, or its own imports fail (a peer's optional dependency)
+        return False
+    return True
+
+
 _compiled_cache: dict = {}
 _liger_cache: dict = {}
+_peer_cache: dict = {}
 
 
 def provider_fn(bench: OpBench, provider: str) -> Callable[[Inputs], object]:
@@ -448,6 +462,11 @@ def provider_fn(bench: OpBench, provider: str) -> Callable[[Inputs], object]:
         if bench.name not in _liger_cache:
             _liger_cache[bench.name] = bench.liger_fn()
         return _liger_cache[bench.name]
+    if provider in bench.peers:
+        key = (bench.name, provider)
+        if key not in _peer_cache:
+            _peer_cache[key] = bench.peers[provider][1]()
+        return _peer_cache[key]
     return lambda inp: bench.call_backend(inp, provider)
 
 

@@ -68,6 +68,20 @@ def test_bench_script_quick(script, tmp_path):
         assert skips.get("torch_compile") and skips.get("liger")
         # Triton on CPU tensors would be interpreter timings: never benchmarked here
         assert ("triton" not in {p for p, _ in measured})
+        if op == "token_logprobs":
+            # the peers' own helpers are timed where their package imports, else skipped with a reason
+            for peer, module in (("trl_selective_log_softmax", "trl.trainer.utils"),
+                                 ("verl_logprobs_from_logits", "verl.utils.torch_functional"),
+                                 ("openrlhf_log_probs_from_logits", "openrlhf.models.utils")):
+                try:
+                    __import__(module)
+                    importable = True
+                except Exception:
+                    importable = False
+                if importable:
+                    assert (peer, "full") in measured, (peer, measured)
+                else:
+                    assert skips.get(peer), (peer, skips)
 
 
 def test_report_tables_and_readme_section(tmp_path):

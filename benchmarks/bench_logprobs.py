@@ -10,7 +10,8 @@ helpers, each where its package imports: ``trl_selective_log_softmax`` (TRL's
 ``trl.trainer.utils.selective_log_softmax``: its Triton kernel on CUDA where it qualifies, else a loop
 over rows: gather + logsumexp for fp32, log_softmax + gather for bf16/fp16), ``verl_logprobs_from_logits`` (``verl.utils.torch_functional.logprobs_from_logits``,
 flash-attn's cross entropy where flash-attn is installed, else log_softmax + gather) and
-``openrlhf_log_probs_from_logits`` (``openrlhf.models.utils.log_probs_from_logits``).
+``openrlhf_log_probs_from_logits`` (``openrlhf.models.utils.log_probs_from_logits``: flash-attn's cross
+entropy for fp32 where installed, else gather + a chunked logsumexp; a row loop for bf16/fp16).
 
 Minimum traffic: forward reads the logits once (N V bytes) plus labels and writes N fp32;
 backward reads the logits again and writes the gradient; forward + backward = 3 N V bytes.

@@ -460,10 +460,16 @@ def _train(kind, model_dir, out_dir):
         ds = datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
         cfg = trl.DPOConfig(beta=0.1, max_length=16, use_weighting=kind == "dpo_wpo", **common)
         trainer = trl.DPOTrainer(model=model_dir, args=cfg, train_dataset=ds, processing_class=tok)
-    trainer.train()
+    from torch.profiler import ProfilerActivity, profile
+
+    # Peak memory proxy on CPU (torch's CPU allocator keeps no peak counter): the largest single
+    # allocation of the whole run, from torch.profiler.
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        trainer.train()
+    largest = max((e.self_cpu_memory_usage for e in prof.events()), default=0)
     logs = [{k: v for k, v in h.items() if k not in ("step_time",)} for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 2
-    return logs
+    return logs, largest
 
 
 @pytest.mark.slow
@@ -472,14 +478,16 @@ def test_trainer_runs_our_kernel_with_trls_numbers(kind, model_dir, tmp_path, mo
     """Two steps of TRL's trainer from the same seed without and with the adapter: the same loss,
     gradient norm and logged metrics (GRPO: rewards, KL, entropy, clip ratios at temperature 0.9 with
     a reference model; DPO: rewards, log-probs, mean logits, token accuracy; WPO weights from
-    log_sum_sq_probs), with every LM-head call of the second run made by our kernel."""
+    log_sum_sq_probs), with every LM-head call of the second run made by our kernel, and no allocation
+    of that run larger than the largest of TRL's run."""
     calls = _count(monkeypatch)
-    want = _train(kind, model_dir, tmp_path / "trl")
+    want, their_largest = _train(kind, model_dir, tmp_path / "trl")
     assert calls["ours"] == 0
     trl_calls, calls["trl"] = calls["trl"], 0
     with rk_trl.applied():
-        got = _train(kind, model_dir, tmp_path / "ours")
+        got, our_largest = _train(kind, model_dir, tmp_path / "ours")
     assert calls["trl"] == 0 and calls["ours"] > 0
+    assert 0 < our_largest <= their_largest, (our_largest, their_largest)  # no bigger buffer than TRL's
     if trl_calls and kind != "dpo_wpo":  # one kernel call per call TRL made
         assert calls["ours"] == trl_calls
     elif trl_calls:  # WPO: one more (forward-only) call per policy call, for log_sum_sq_probs

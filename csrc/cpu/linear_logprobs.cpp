@@ -17,6 +17,7 @@
 // so the same bits every run.
 #include "common.h"
 #include "rlhf_kernels/math.h"
+#include "vec.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -41,25 +42,6 @@ namespace {
 constexpr int64_t kVocabTile = 4096;      // vocabulary entries per tile (16 KB of fp32 per row)
 constexpr int64_t kTileElems = 1 << 20;   // fp32 logits per tile (4 MB)
 
-// exp(x) for x <= 0 (arguments are shifted by the row max), 0 below -87.3: Cody-Waite range
-// reduction to |r| <= ln2 / 2 and a degree-6 polynomial (relative error about 1e-7).
-inline float exp_nonpos(float x) {
-  const float xc = std::max(x, -87.3f);
-  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.3f ? 0.0f : p * scale;
-}
-
 // The logit transform z = g(y) and its derivative: z = y * a without a soft-cap (a = scale / T);
 // with a soft-cap c, z = (c / T) tanh(y * scale / c) and dz/dy = (scale / T) (1 - tanh^2).
 struct Transform {
@@ -76,95 +58,26 @@ inline float tanh_f(float x) {
   return x < 0.0f ? -t : t;
 }
 
-// ---------------------------------------------------------------------------------------------
-// SIMD through GCC/Clang vector extensions: 4 lanes on the baseline ISA, and on x86-64 an 8-lane
-// copy of the row loops compiled for AVX2+FMA, picked at run time.  Other compilers: scalar loops.
-#if defined(__GNUC__) || defined(__clang__)
-#define RK_LL_VEC 1
-#define RK_LL_INLINE inline __attribute__((always_inline))
-typedef float lv4 __attribute__((vector_size(16)));
-#if defined(__x86_64__)
-#define RK_LL_AVX2 1
-typedef float lv8 __attribute__((vector_size(32)));
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"  // the 8-lane helpers are always inlined: no ABI boundary
-#endif
-#endif
-
+// SIMD: the vector types, loads, exp and reductions of vec.h; tanh on a vector here.
+#ifdef RK_VEC
 template <typename VF>
-constexpr int64_t lanes() { return sizeof(VF) / sizeof(float); }
-template <typename VF>
-RK_LL_INLINE VF vset(float x) { return VF{} + x; }
-template <typename VF>
-RK_LL_INLINE VF vload(const float* p) {
-  VF v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-template <typename VF>
-RK_LL_INLINE void vstore(float* p, VF v) { std::memcpy(p, &v, sizeof(v)); }
-template <typename VF>
-RK_LL_INLINE VF vmax(VF a, VF b) { return a > b ? a : b; }
-
-template <typename VF>
-RK_LL_INLINE VF vexp_nonpos(VF x) {
-  using VI = decltype(x < x);
-  const VF lo = vset<VF>(-87.3f);
-  const VF xc = x < lo ? lo : x;
-  const VF magic = vset<VF>(12582912.0f);
-  const VF n = (xc * 1.44269504088896341f + magic) - magic;
-  const VF r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
-  VF p = vset<VF>(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
-  VF scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < lo ? vset<VF>(0.0f) : p * scale;
-}
-
-template <typename VF>
-RK_LL_INLINE VF vtanh(VF x) {
+RK_INLINE VF vtanh(VF x) {
   const VF ax = x < 0.0f ? -x : x;
   const VF e = vexp_nonpos<VF>(ax * -2.0f);
   const VF t = (1.0f - e) / (1.0f + e);
   return x < 0.0f ? -t : t;
 }
-
-template <typename VF>
-RK_LL_INLINE float hsum(VF v) {
-  float a[lanes<VF>()];
-  std::memcpy(a, &v, sizeof(a));
-  float s = 0.0f;
-  for (int j = 0; j < lanes<VF>(); ++j) s += a[j];
-  return s;
-}
-template <typename VF>
-RK_LL_INLINE float hmax(VF v) {
-  float a[lanes<VF>()];
-  std::memcpy(a, &v, sizeof(a));
-  float m = a[0];
-  for (int j = 1; j < lanes<VF>(); ++j) m = std::max(m, a[j]);
-  return m;
-}
-#else
-#define RK_LL_INLINE inline
-struct lv4 {};
 #endif
 
 // z[j] = g(y[j] + b[j]) in place over one row of a tile; returns max_j z[j].
 template <typename VF>
-RK_LL_INLINE float transform_max(float* y, const float* b, int64_t n, const Transform& tf) {
+RK_INLINE float transform_max(float* y, const float* b, int64_t n, const Transform& tf) {
   int64_t j = 0;
   float m = -INFINITY;
-#ifdef RK_LL_VEC
+#ifdef RK_VEC
   constexpr int64_t W = lanes<VF>();
-  VF vm = vset<VF>(-INFINITY);
-  const VF a = vset<VF>(tf.a), cap_t = vset<VF>(tf.cap_t);
+  VF vm = vbroadcast<VF>(-INFINITY);
+  const VF a = vbroadcast<VF>(tf.a), cap_t = vbroadcast<VF>(tf.cap_t);
   for (; j + W <= n; j += W) {
     VF v = vload<VF>(y + j);
     if (b) v += vload<VF>(b + j);
@@ -186,13 +99,13 @@ RK_LL_INLINE float transform_max(float* y, const float* b, int64_t n, const Tran
 // s += sum exp(z - m), u += sum exp(z - m) (z - m), zs += sum z over one row (m finite).  -inf
 // entries give e = 0 and, with z - m clamped at -88, e * (z - m) = 0 rather than NaN.
 template <typename VF>
-RK_LL_INLINE void row_sums(const float* z, int64_t n, float m, float& s, float& u, float& zs) {
+RK_INLINE void row_sums(const float* z, int64_t n, float m, float& s, float& u, float& zs) {
   int64_t j = 0;
   float cs = 0.0f, cu = 0.0f, cz = 0.0f;
-#ifdef RK_LL_VEC
+#ifdef RK_VEC
   constexpr int64_t W = lanes<VF>();
-  const VF vm = vset<VF>(m), floor88 = vset<VF>(-88.0f);
-  VF vs = vset<VF>(0.0f), vu = vs, vz = vs;
+  const VF vm = vbroadcast<VF>(m), floor88 = vbroadcast<VF>(-88.0f);
+  VF vs = vbroadcast<VF>(0.0f), vu = vs, vz = vs;
   for (; j + W <= n; j += W) {
     const VF x = vload<VF>(z + j);
     const VF d = x - vm;
@@ -220,17 +133,17 @@ RK_LL_INLINE void row_sums(const float* z, int64_t n, float m, float& s, float& 
 // In place over one row: y -> dL/dy = (g_lp (onehot - p) - g_ent p (log p + H)) dz/dy, where
 // p = exp(z - lse), without the onehot term (the caller adds it at the label column).
 template <typename VF>
-RK_LL_INLINE void grad_row(float* y, const float* b, int64_t n, const Transform& tf, float lse, float h, float gl,
+RK_INLINE void grad_row(float* y, const float* b, int64_t n, const Transform& tf, float lse, float h, float gl,
                            float ge) {
   int64_t j = 0;
-#ifdef RK_LL_VEC
+#ifdef RK_VEC
   constexpr int64_t W = lanes<VF>();
-  const VF a = vset<VF>(tf.a), cap_t = vset<VF>(tf.cap_t), vl = vset<VF>(lse), zero = vset<VF>(0.0f);
-  const VF floor88 = vset<VF>(-88.0f);
+  const VF a = vbroadcast<VF>(tf.a), cap_t = vbroadcast<VF>(tf.cap_t), vl = vbroadcast<VF>(lse), zero = vbroadcast<VF>(0.0f);
+  const VF floor88 = vbroadcast<VF>(-88.0f);
   for (; j + W <= n; j += W) {
     VF v = vload<VF>(y + j);
     if (b) v += vload<VF>(b + j);
-    VF z, dz = vset<VF>(tf.slope);
+    VF z, dz = vbroadcast<VF>(tf.slope);
     if (tf.capped) {
       const VF t = vtanh<VF>(v * a);
       z = cap_t * t;
@@ -284,7 +197,7 @@ struct TileArgs {
 };
 
 template <typename VF>
-RK_LL_INLINE void fold_rows(const TileArgs& a, int64_t begin, int64_t end) {
+RK_INLINE void fold_rows(const TileArgs& a, int64_t begin, int64_t end) {
   for (int64_t r = begin; r < end; ++r) {
     float* z = a.y + r * a.n;
     RowStat& st = a.stats[r];
@@ -306,7 +219,7 @@ RK_LL_INLINE void fold_rows(const TileArgs& a, int64_t begin, int64_t end) {
 }
 
 template <typename VF>
-RK_LL_INLINE void grad_rows(const TileArgs& a, int64_t begin, int64_t end) {
+RK_INLINE void grad_rows(const TileArgs& a, int64_t begin, int64_t end) {
   for (int64_t r = begin; r < end; ++r) {
     float* y = a.y + r * a.n;
     const float gl = a.g_lp[r], ge = a.g_ent ? a.g_ent[r] : 0.0f;
@@ -340,23 +253,19 @@ void tile_rows(const TileArgs& a, int64_t b, int64_t e, bool backward) {
   else
     fold_rows<VF>(a, b, e);
 }
-#ifdef RK_LL_AVX2
+#ifdef RK_AVX2
 __attribute__((target("avx2,fma"))) void tile_rows_avx2(const TileArgs& a, int64_t b, int64_t e, bool backward) {
-  tile_rows<lv8>(a, b, e, backward);
-}
-bool avx2_ok() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
+  tile_rows<vf8>(a, b, e, backward);
 }
 #endif
 
 void run_tile(const TileArgs& a, bool backward) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(a.n, 1));
   at::parallel_for(0, a.rows, grain, [&](int64_t b, int64_t e) {
-#ifdef RK_LL_AVX2
-    if (avx2_ok()) return tile_rows_avx2(a, b, e, backward);
+#ifdef RK_AVX2
+    if (cpu_has_avx2()) return tile_rows_avx2(a, b, e, backward);
 #endif
-    tile_rows<lv4>(a, b, e, backward);
+    tile_rows<vf4>(a, b, e, backward);
   });
 }
 

@@ -3,6 +3,7 @@
 // TORCH_LIBRARY_FRAGMENT beside its CPU kernels (csrc/cpu/<family>.cpp) and registers its CPU and
 // CUDA implementations there and in csrc/cuda/<family>_glue.cpp; fake (meta) implementations and
 // autograd are registered from Python (rlhf_kernels/_extension_ops/<family>.py) with torch.library.
+#include "cpu/vec.h"
 #include "rlhf_kernels/math.h"
 
 #include <c10/util/Exception.h>
@@ -57,10 +58,20 @@ std::vector<std::string> enum_names(const std::string& which) {
   TORCH_CHECK(false, "rlhf_kernels::enum_names: unknown enum '", which, "'");
 }
 
+// The SIMD instruction set the CPU kernels' elementwise loops run with here (cpu/vec.h cpu_isa()).
+std::string cpu_isa_name() {
+  switch (cpu::cpu_isa()) {
+    case 2: return "avx512";
+    case 1: return "avx2";
+    default: return "base";
+  }
+}
+
 }  // namespace
 }  // namespace rlhf_kernels
 
 TORCH_LIBRARY(rlhf_kernels, m) {
+  m.def("cpu_isa() -> str", &rlhf_kernels::cpu_isa_name);
   m.def("build_info() -> str", &rlhf_kernels::build_info);
   m.def("enum_names(str which) -> str[]", &rlhf_kernels::enum_names);
 }

@@ -50,6 +50,9 @@ def _versions() -> dict[str, str]:
     except Exception as exc:
         out["transformers"] = f"not importable ({type(exc).__name__})"
     out["extension"] = ", ".join(f"{k}={v}" for k, v in _extension.build_info().items())
+    if _extension.build_info()["status"] == "loaded":
+        # the SIMD copy the cpu backend's elementwise loops run (RLHF_KERNELS_CPU_ISA can lower it)
+        out["cpu isa"] = torch.ops.rlhf_kernels.cpu_isa()
     for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
         out[f"cuda:{i}"] = torch.cuda.get_device_name(i)
     return out

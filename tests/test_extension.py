@@ -43,13 +43,21 @@ def _opcheck_cases(device):
         ("ppo_value_loss_fwd noclip", ops.ppo_value_loss_fwd,
          (r(B, T).requires_grad_(), r(B, T), r(B, T), mask, None, 0)),
         ("dpo_loss_fwd", ops.dpo_loss_fwd, tuple(r(7).requires_grad_() for _ in range(4)) + (0.1, 0, 0.1)),
+        # CPU only: the training forwards (no autograd of their own: the wrappers' Function holds it)
+        ("kl_penalty_fwd_dx", ops.kl_penalty_fwd_dx, (r(B, T), r(B, T, dtype=torch.bfloat16), 2)),
+        ("ppo_policy_loss_fwd_dx", ops.ppo_policy_loss_fwd_dx, (r(B, T), r(B, T), r(B, T), mask, 0.2, 0.28, 3.0, 1)),
+        ("ppo_value_loss_fwd_dx", ops.ppo_value_loss_fwd_dx,
+         (r(B, T, dtype=torch.float16), r(B, T), r(B, T), mask, 0.2, 2)),
+        ("dpo_loss_fwd_dx", ops.dpo_loss_fwd_dx, tuple(r(7) for _ in range(4)) + (0.1, 3, 0.1)),
     ]
 
 
-@pytest.mark.parametrize("case", range(8))
+@pytest.mark.parametrize("case", range(12))
 def test_opcheck(case):
     """Schema, fake (meta) implementation, autograd registration and AOT dispatch of each op."""
     _need_extension(DEVICE)
+    if case >= 8 and DEVICE != "cpu":
+        pytest.skip("the _fwd_dx training forwards are CPU ops")
     _name, op, args = _opcheck_cases(DEVICE)[case]
     torch.library.opcheck(op, args)
 

@@ -161,7 +161,8 @@ POLICY_CLIPS = [
 ]
 
 
-def run_policy(backend, shape, dtype, kind, clip_kwargs, agg, nan_masked=False, seed=0, lp_scale=0.3):
+def run_policy(backend, shape, dtype, kind, clip_kwargs, agg, nan_masked=False, seed=0, lp_scale=0.3,
+               only_first=False):
     g = torch.Generator().manual_seed(seed)
     old = rand(shape, dtype, g, 1.0, -2.0)
     lp = (old.double() + torch.randn(shape, generator=g, dtype=torch.float64) * lp_scale).to(dtype)
@@ -176,7 +177,9 @@ def run_policy(backend, shape, dtype, kind, clip_kwargs, agg, nan_masked=False, 
         lp = torch.where(m, lp, torch.full_like(lp, float("nan")))
         old = torch.where(m, old, torch.full_like(old, float("nan")))
         adv = torch.where(m, adv, torch.full_like(adv, float("inf")))
-    leaves = backend_inputs([lp, old, adv])
+    # only_first: logprobs alone needs a gradient (a PPO step), the case of the cpu backend's
+    # training forward, which saves d loss / d logprobs instead of recomputing it in backward.
+    leaves = backend_inputs([lp]) + backend_inputs([old, adv], requires_grad=not only_first)
     loss, stats = rk.ppo_policy_loss(*leaves, m.to(DEVICE), agg=agg, backend=backend, **clip_kwargs)
     assert loss.dim() == 0 and loss.dtype == torch.float32
     assert {"clipfrac", "approx_kl"} <= set(stats)
@@ -186,7 +189,8 @@ def run_policy(backend, shape, dtype, kind, clip_kwargs, agg, nan_masked=False, 
     loss.backward()
     if loss64.requires_grad:
         loss64.backward()
-    check_grads(loss, leaves, [lp64, old64, adv64], ["logprobs", "old_logprobs", "advantages"])
+    n = 1 if only_first else 3
+    check_grads(loss, leaves[:n], [lp64, old64, adv64][:n], ["logprobs", "old_logprobs", "advantages"][:n])
     return loss, stats, leaves
 
 
@@ -230,6 +234,18 @@ def test_ppo_policy_empty_mask(backend, agg):
 
 @pytest.mark.parametrize("agg", AGGS)
 @pytest.mark.parametrize("clip_kwargs", POLICY_CLIPS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind,nan_masked", [("random", False), ("random", True), ("empty", True)])
+def test_ppo_policy_loss_logprobs_grad_only(backend, agg, clip_kwargs, dtype, kind, nan_masked):
+    require(backend, "ppo_policy_loss", dtype)
+    loss, _, leaves = run_policy(backend, (4, 37), dtype, kind, clip_kwargs, agg, nan_masked=nan_masked,
+                                 lp_scale=0.6, only_first=True)
+    if kind == "empty":
+        assert loss.item() == 0.0 and bool((grad_or_zero(leaves[0]) == 0).all())
+
+
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("clip_kwargs", POLICY_CLIPS)
 def test_ppo_policy_nan_masked(backend, agg, clip_kwargs):
     require(backend, "ppo_policy_loss")
     loss, stats, leaves = run_policy(backend, (4, 9), torch.float32, "random", clip_kwargs, agg,
@@ -252,7 +268,7 @@ def test_ppo_policy_clipping_actually_happens(backend):
 # ppo_value_loss
 
 
-def run_value(backend, shape, dtype, kind, clip, agg, nan_masked=False, seed=0):
+def run_value(backend, shape, dtype, kind, clip, agg, nan_masked=False, seed=0, only_first=False):
     g = torch.Generator().manual_seed(seed)
     old = rand(shape, dtype, g)
     v = (old.double() + torch.randn(shape, generator=g, dtype=torch.float64) * 0.4).to(dtype)
@@ -264,7 +280,7 @@ def run_value(backend, shape, dtype, kind, clip, agg, nan_masked=False, seed=0):
         v = torch.where(m, v, torch.full_like(v, float("nan")))
         old = torch.where(m, old, torch.full_like(old, float("nan")))
         ret = torch.where(m, ret, torch.full_like(ret, float("-inf")))
-    leaves = backend_inputs([v, old, ret])
+    leaves = backend_inputs([v]) + backend_inputs([old, ret], requires_grad=not only_first)
     loss, stats = rk.ppo_value_loss(*leaves, m.to(DEVICE), clip=clip, agg=agg, backend=backend)
     assert loss.dim() == 0 and loss.dtype == torch.float32 and "clipfrac" in stats
     assert_close(loss, loss64, "value loss")
@@ -272,7 +288,8 @@ def run_value(backend, shape, dtype, kind, clip, agg, nan_masked=False, seed=0):
     loss.backward()
     if loss64.requires_grad:
         loss64.backward()
-    check_grads(loss, leaves, [v64, old64, ret64], ["values", "old_values", "returns"])
+    n = 1 if only_first else 3
+    check_grads(loss, leaves[:n], [v64, old64, ret64][:n], ["values", "old_values", "returns"][:n])
     return loss, stats, leaves
 
 
@@ -283,6 +300,17 @@ def run_value(backend, shape, dtype, kind, clip, agg, nan_masked=False, seed=0):
 def test_ppo_value_loss(backend, agg, clip, dtype, shape):
     require(backend, "ppo_value_loss", dtype)
     run_value(backend, shape, dtype, "random", clip, agg)
+
+
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("clip", [0.2, None])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind,nan_masked", [("random", False), ("random", True), ("empty", True)])
+def test_ppo_value_loss_values_grad_only(backend, agg, clip, dtype, kind, nan_masked):
+    require(backend, "ppo_value_loss", dtype)
+    loss, _, leaves = run_value(backend, (4, 37), dtype, kind, clip, agg, nan_masked=nan_masked, only_first=True)
+    if kind == "empty":
+        assert loss.item() == 0.0 and bool((grad_or_zero(leaves[0]) == 0).all())
 
 
 @pytest.mark.parametrize("agg", AGGS)

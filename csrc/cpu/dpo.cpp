@@ -7,6 +7,8 @@
 
 #include <torch/library.h>
 
+#include <optional>
+
 namespace rlhf_kernels {
 namespace cpu {
 namespace {
@@ -80,6 +82,7 @@ RK_INLINE void dpo_fwd_range(const DpoArgs& a, int64_t begin, int64_t end) {
     const float *pc = a.pc.chunk(c0, n, b0), *pr = a.pr.chunk(c0, n, b1), *rc = a.rc.chunk(c0, n, b2),
                 *rr = a.rr.chunk(c0, n, b3);
     float *pl = a.o0->at(c0, o0), *pcr = a.o1->at(c0, o1), *prj = a.o2->at(c0, o2);
+    float* pdh = a.o3 ? a.o3->at(c0, nullptr) : nullptr;  // the training forward's d loss / d h (fp32)
     int64_t i = 0;
     for (; i + W <= n; i += W) {
       const VF chosen = vload<VF>(pc + i) - vload<VF>(rc + i), rejected = vload<VF>(pr + i) - vload<VF>(rr + i);
@@ -88,12 +91,15 @@ RK_INLINE void dpo_fwd_range(const DpoArgs& a, int64_t begin, int64_t end) {
       vstore(pl + i, loss);
       vstore(pcr + i, a.beta * chosen);
       vstore(prj + i, a.beta * rejected);
+      if (pdh) vstore(pdh + i, dh);
     }
     for (; i < n; ++i) {
       const float chosen = pc[i] - rc[i], rejected = pr[i] - rr[i];
-      pl[i] = dpo_pair(chosen - rejected, a.beta, a.type, a.ls).loss;
+      const DpoPair pair = dpo_pair(chosen - rejected, a.beta, a.type, a.ls);
+      pl[i] = pair.loss;
       pcr[i] = a.beta * chosen;
       prj[i] = a.beta * rejected;
+      if (pdh) pdh[i] = pair.d_h;
     }
     a.o0->flush(c0, n, o0); a.o1->flush(c0, n, o1); a.o2->flush(c0, n, o2);
   }
@@ -125,8 +131,8 @@ RK_INLINE void dpo_bwd_range(const DpoArgs& a, int64_t begin, int64_t end) {
   }
 }
 
-RK_ISA_DISPATCH(dpo_fwd, DpoArgs)
-RK_ISA_DISPATCH(dpo_bwd, DpoArgs)
+RK_ISA_DISPATCH_AVX512(dpo_fwd, DpoArgs)
+RK_ISA_DISPATCH_AVX512(dpo_bwd, DpoArgs)
 
 void check_pairs(const char* op, const Tensor& pc, const Tensor& pr, const Tensor& rc, const Tensor& rr,
                  int64_t loss_type, double beta) {
@@ -146,16 +152,40 @@ Tensor empty_contig(const Tensor& like, at::ScalarType st) {
 
 }  // namespace
 
-Tensor3 dpo_loss_fwd(const Tensor& pc, const Tensor& pr, const Tensor& rc, const Tensor& rr, double beta,
-                     int64_t loss_type, double label_smoothing) {
-  check_pairs("dpo_loss_fwd", pc, pr, rc, rr, loss_type, beta);
+namespace {
+
+// The forward; with dh (the training forward) also d loss / d h per pair, h = (pc - rc) - (pr - rr).
+Tensor3 dpo_forward(const char* op, const Tensor& pc, const Tensor& pr, const Tensor& rc, const Tensor& rr,
+                    double beta, int64_t loss_type, double label_smoothing, Tensor* dh) {
+  check_pairs(op, pc, pr, rc, rr, loss_type, beta);
   const Tensor a = contig(pc), b = contig(pr), c = contig(rc), d = contig(rr);
   Tensor losses = empty_contig(a, at::kFloat), cr = empty_contig(a, at::kFloat), rj = empty_contig(a, at::kFloat);
   DstF o0(losses), o1(cr), o2(rj);
-  const DpoArgs args{SrcF(a), SrcF(b), SrcF(c), SrcF(d), SrcF(a), &o0, &o1, &o2, nullptr,
+  std::optional<DstF> o3;
+  if (dh) {
+    *dh = empty_contig(a, at::kFloat);
+    o3.emplace(*dh);
+  }
+  const DpoArgs args{SrcF(a), SrcF(b), SrcF(c), SrcF(d), SrcF(a), &o0, &o1, &o2, dh ? &*o3 : nullptr,
                      static_cast<float>(beta), static_cast<float>(label_smoothing), static_cast<int>(loss_type)};
   parallel_blocks(a.numel(), kElemGrain, [&](int64_t begin, int64_t end) { dpo_fwd(args, begin, end); });
   return {losses, cr, rj};
+}
+
+}  // namespace
+
+Tensor3 dpo_loss_fwd(const Tensor& pc, const Tensor& pr, const Tensor& rc, const Tensor& rr, double beta,
+                     int64_t loss_type, double label_smoothing) {
+  return dpo_forward("dpo_loss_fwd", pc, pr, rc, rr, beta, loss_type, label_smoothing, nullptr);
+}
+
+// The forward for training on CPU: also d loss / d h per pair (fp32), so the backward is grad * dh
+// (with signs per input) instead of a pass that re-evaluates the sigmoid terms from four inputs.
+Tensor4 dpo_loss_fwd_dx(const Tensor& pc, const Tensor& pr, const Tensor& rc, const Tensor& rr, double beta,
+                        int64_t loss_type, double label_smoothing) {
+  Tensor dh;
+  auto [losses, cr, rj] = dpo_forward("dpo_loss_fwd_dx", pc, pr, rc, rr, beta, loss_type, label_smoothing, &dh);
+  return {losses, cr, rj, dh};
 }
 
 Tensor4 dpo_loss_bwd(const Tensor& grad_losses, const Tensor& pc, const Tensor& pr, const Tensor& rc,
@@ -181,9 +211,13 @@ TORCH_LIBRARY_FRAGMENT(rlhf_kernels, m) {
   m.def("dpo_loss_bwd(Tensor grad_losses, Tensor policy_chosen, Tensor policy_rejected, Tensor ref_chosen, "
         "Tensor ref_rejected, float beta, int loss_type, float label_smoothing) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  // CPU only: the training forward of the cpu backend (see _extension_ops/dpo.py).
+  m.def("dpo_loss_fwd_dx(Tensor policy_chosen, Tensor policy_rejected, Tensor ref_chosen, Tensor ref_rejected, "
+        "float beta, int loss_type, float label_smoothing) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) {
   m.impl("dpo_loss_fwd", &rlhf_kernels::cpu::dpo_loss_fwd);
   m.impl("dpo_loss_bwd", &rlhf_kernels::cpu::dpo_loss_bwd);
+  m.impl("dpo_loss_fwd_dx", &rlhf_kernels::cpu::dpo_loss_fwd_dx);
 }

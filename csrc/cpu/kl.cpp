@@ -13,8 +13,9 @@ namespace {
 
 struct KlArgs {
   SrcF a, b, g;  // logprobs, ref_logprobs, upstream gradient (backward)
-  DstF out, out2;  // forward: kl (out2 unused); backward: d logprobs, d ref_logprobs
+  DstF out, out2;  // forward: kl and (when dx) d kl / d logprobs; backward: d logprobs, d ref_logprobs
   int est;
+  bool dx;
 };
 
 template <typename VF>
@@ -38,17 +39,45 @@ RK_INLINE VF kl_grad_v(VF d, int est) {
   }
 }
 
+// The value and the derivative in one evaluation (k3: one exp for both).
+template <typename VF>
+RK_INLINE void kl_value_grad_v(VF d, int est, VF& v, VF& g) {
+  if (est == kK3) {
+    const VF e = vexp(-d);
+    v = e - 1.0f + d;
+    g = 1.0f - e;
+  } else {
+    v = kl_value_v(d, est);
+    g = kl_grad_v(d, est);
+  }
+}
+
 template <typename VF>
 RK_INLINE void kl_fwd_range(const KlArgs& a, int64_t begin, int64_t end) {
   constexpr int64_t W = lanes<VF>();
-  float ba[kVecChunk], bb[kVecChunk], bo[kVecChunk];
+  float ba[kVecChunk], bb[kVecChunk], bo[kVecChunk], bo2[kVecChunk];
   for (int64_t c0 = begin; c0 < end; c0 += kVecChunk) {
     const int64_t n = std::min(kVecChunk, end - c0);
     const float *pa = a.a.chunk(c0, n, ba), *pb = a.b.chunk(c0, n, bb);
     float* po = a.out.at(c0, bo);
     int64_t i = 0;
-    for (; i + W <= n; i += W) vstore(po + i, kl_value_v(vload<VF>(pa + i) - vload<VF>(pb + i), a.est));
-    for (; i < n; ++i) po[i] = kl_value(pa[i] - pb[i], a.est);
+    if (a.dx) {
+      float* pd = a.out2.at(c0, bo2);
+      for (; i + W <= n; i += W) {
+        VF v, g;
+        kl_value_grad_v(vload<VF>(pa + i) - vload<VF>(pb + i), a.est, v, g);
+        vstore(po + i, v);
+        vstore(pd + i, g);
+      }
+      for (; i < n; ++i) {
+        po[i] = kl_value(pa[i] - pb[i], a.est);
+        pd[i] = kl_grad(pa[i] - pb[i], a.est);
+      }
+      a.out2.flush(c0, n, bo2);
+    } else {
+      for (; i + W <= n; i += W) vstore(po + i, kl_value_v(vload<VF>(pa + i) - vload<VF>(pb + i), a.est));
+      for (; i < n; ++i) po[i] = kl_value(pa[i] - pb[i], a.est);
+    }
     a.out.flush(c0, n, bo);
   }
 }
@@ -77,8 +106,8 @@ RK_INLINE void kl_bwd_range(const KlArgs& a, int64_t begin, int64_t end) {
   }
 }
 
-RK_ISA_DISPATCH(kl_fwd, KlArgs)
-RK_ISA_DISPATCH(kl_bwd, KlArgs)
+RK_ISA_DISPATCH_AVX512(kl_fwd, KlArgs)
+RK_ISA_DISPATCH_AVX512(kl_bwd, KlArgs)
 
 void check_estimator(int64_t estimator, const char* op) {
   TORCH_CHECK(estimator >= 0 && estimator <= kAbs, "rlhf_kernels::", op, ": estimator must be in [0, ", int(kAbs),
@@ -94,9 +123,24 @@ Tensor kl_penalty_fwd(const Tensor& logprobs, const Tensor& ref_logprobs, int64_
   check_estimator(estimator, op);
   const Tensor a = contig(logprobs), b = contig(ref_logprobs);
   Tensor out = at::empty(a.sizes(), a.options().dtype(at::kFloat));
-  const KlArgs args{SrcF(a), SrcF(b), SrcF(a), DstF(out), DstF(out), static_cast<int>(estimator)};
+  const KlArgs args{SrcF(a), SrcF(b), SrcF(a), DstF(out), DstF(out), static_cast<int>(estimator), false};
   parallel_blocks(a.numel(), kElemGrain, [&](int64_t begin, int64_t end) { kl_fwd(args, begin, end); });
   return out;
+}
+
+// The forward for training on CPU: also d kl / d logprobs (fp32), so the backward is one multiply
+// (grad * dx) instead of re-evaluating the estimator (k3's exp) from both inputs.
+Tensor2 kl_penalty_fwd_dx(const Tensor& logprobs, const Tensor& ref_logprobs, int64_t estimator) {
+  const char* op = "kl_penalty_fwd_dx";
+  check_float_cpu(logprobs, op, "logprobs");
+  check_float_like(ref_logprobs, logprobs, op, "ref_logprobs", "logprobs");
+  check_estimator(estimator, op);
+  const Tensor a = contig(logprobs), b = contig(ref_logprobs);
+  Tensor out = at::empty(a.sizes(), a.options().dtype(at::kFloat));
+  Tensor dx = at::empty(a.sizes(), a.options().dtype(at::kFloat));
+  const KlArgs args{SrcF(a), SrcF(b), SrcF(a), DstF(out), DstF(dx), static_cast<int>(estimator), true};
+  parallel_blocks(a.numel(), kElemGrain, [&](int64_t begin, int64_t end) { kl_fwd(args, begin, end); });
+  return {out, dx};
 }
 
 Tensor2 kl_penalty_bwd(const Tensor& grad, const Tensor& logprobs, const Tensor& ref_logprobs, int64_t estimator) {
@@ -108,7 +152,7 @@ Tensor2 kl_penalty_bwd(const Tensor& grad, const Tensor& logprobs, const Tensor&
   const Tensor a = contig(logprobs), b = contig(ref_logprobs), g = contig(grad);
   Tensor ga = at::empty(a.sizes(), logprobs.options().memory_format(at::MemoryFormat::Contiguous));
   Tensor gb = at::empty(a.sizes(), ref_logprobs.options().memory_format(at::MemoryFormat::Contiguous));
-  const KlArgs args{SrcF(a), SrcF(b), SrcF(g), DstF(ga), DstF(gb), static_cast<int>(estimator)};
+  const KlArgs args{SrcF(a), SrcF(b), SrcF(g), DstF(ga), DstF(gb), static_cast<int>(estimator), false};
   parallel_blocks(a.numel(), kElemGrain, [&](int64_t begin, int64_t end) { kl_bwd(args, begin, end); });
   return {ga, gb};
 }
@@ -119,9 +163,12 @@ Tensor2 kl_penalty_bwd(const Tensor& grad, const Tensor& logprobs, const Tensor&
 TORCH_LIBRARY_FRAGMENT(rlhf_kernels, m) {
   m.def("kl_penalty_fwd(Tensor logprobs, Tensor ref_logprobs, int estimator) -> Tensor");
   m.def("kl_penalty_bwd(Tensor grad, Tensor logprobs, Tensor ref_logprobs, int estimator) -> (Tensor, Tensor)");
+  // CPU only: the training forward of the cpu backend (see _extension_ops/kl.py).
+  m.def("kl_penalty_fwd_dx(Tensor logprobs, Tensor ref_logprobs, int estimator) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) {
   m.impl("kl_penalty_fwd", &rlhf_kernels::cpu::kl_penalty_fwd);
   m.impl("kl_penalty_bwd", &rlhf_kernels::cpu::kl_penalty_bwd);
+  m.impl("kl_penalty_fwd_dx", &rlhf_kernels::cpu::kl_penalty_fwd_dx);
 }

@@ -13,6 +13,7 @@
 #include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <vector>
 
 namespace rlhf_kernels {
@@ -102,8 +103,9 @@ RK_INLINE PolicyV<VF> policy_v(VF lp, VF old, VF adv, const LossArgs& a, bool gr
   return o;
 }
 
-template <typename VF>
-RK_INLINE void policy_fwd_range(const LossArgs& a, int64_t begin, int64_t end) {
+// DX: also write each token's d pg / d logprobs (0 where masked) to *a.d0, fp32, unweighted.
+template <typename VF, bool DX>
+RK_INLINE void policy_fwd_rows(const LossArgs& a, int64_t begin, int64_t end) {
   constexpr int64_t W = lanes<VF>();
   float bx[kVecChunk], by[kVecChunk], bz[kVecChunk];
   const VF zero = vbroadcast<VF>(0.0f);
@@ -113,28 +115,39 @@ RK_INLINE void policy_fwd_range(const LossArgs& a, int64_t begin, int64_t end) {
       const int64_t n = std::min(kVecChunk, a.T - t0), off = b * a.T + t0;
       const float *lp = a.x.chunk(off, n, bx), *old = a.y.chunk(off, n, by), *adv = a.z.chunk(off, n, bz);
       const uint8_t* m = a.mask + off;
+      float* dx = DX ? a.d0->at(off, nullptr) : nullptr;
       VF vc = zero, vs = zero, vcn = zero, vln = zero, vk = zero;
       int64_t i = 0;
       for (; i + W <= n; i += W) {
         const VF mv = vload_mask<VF>(m + i);
         const auto valid = mv > zero;
         const VF l = vload<VF>(lp + i), o = vload<VF>(old + i);
-        const PolicyV<VF> tok = policy_v(l, o, vload<VF>(adv + i), a, false);
+        const PolicyV<VF> tok = policy_v(l, o, vload<VF>(adv + i), a, DX);
         vc += mv;
         vs += valid ? tok.pg : zero;
         vcn += valid ? tok.clipped : zero;
         vln += valid ? tok.lower : zero;
         vk += valid ? o - l : zero;
+        if (DX) vstore(dx + i, valid ? tok.gr * tok.ratio * tok.dlr : zero);
       }
       c += hsum(vc); s += hsum(vs); cn += hsum(vcn); ln += hsum(vln); k += hsum(vk);
       for (; i < n; ++i) {
-        if (!m[i]) continue;
+        if (!m[i]) {
+          if (DX) dx[i] = 0.0f;
+          continue;
+        }
         const PolicyToken tok = ppo_policy_token(lp[i], old[i], adv[i], a.p0, a.p1, a.flag, a.p2);
         c += 1; s += tok.pg; cn += tok.clipped; ln += tok.lower; k += static_cast<double>(old[i] - lp[i]);
+        if (DX) dx[i] = tok.d_logratio;
       }
     }
     a.s0[b] = c; a.s1[b] = s; a.s2[b] = cn; a.s3[b] = ln; a.s4[b] = k;
   }
+}
+
+template <typename VF>
+RK_INLINE void policy_fwd_range(const LossArgs& a, int64_t begin, int64_t end) {
+  if (a.d0) policy_fwd_rows<VF, true>(a, begin, end); else policy_fwd_rows<VF, false>(a, begin, end);
 }
 
 template <typename VF>
@@ -203,8 +216,9 @@ RK_INLINE ValueV<VF> value_v(VF v, VF old, VF ret, const LossArgs& a) {
   return o;
 }
 
-template <typename VF>
-RK_INLINE void value_fwd_range(const LossArgs& a, int64_t begin, int64_t end) {
+// DX: also write each token's d vf / d values (0 where masked) to *a.d0, fp32, unweighted.
+template <typename VF, bool DX>
+RK_INLINE void value_fwd_rows(const LossArgs& a, int64_t begin, int64_t end) {
   constexpr int64_t W = lanes<VF>();
   float bx[kVecChunk], by[kVecChunk], bz[kVecChunk];
   const VF zero = vbroadcast<VF>(0.0f);
@@ -214,6 +228,7 @@ RK_INLINE void value_fwd_range(const LossArgs& a, int64_t begin, int64_t end) {
       const int64_t n = std::min(kVecChunk, a.T - t0), off = b * a.T + t0;
       const float *v = a.x.chunk(off, n, bx), *old = a.y.chunk(off, n, by), *ret = a.z.chunk(off, n, bz);
       const uint8_t* m = a.mask + off;
+      float* dx = DX ? a.d0->at(off, nullptr) : nullptr;
       VF vc = zero, vs = zero, vcn = zero;
       int64_t i = 0;
       for (; i + W <= n; i += W) {
@@ -223,16 +238,26 @@ RK_INLINE void value_fwd_range(const LossArgs& a, int64_t begin, int64_t end) {
         vc += mv;
         vs += valid ? tok.vf : zero;
         vcn += valid ? tok.clipped : zero;
+        if (DX) vstore(dx + i, valid ? tok.dv : zero);
       }
       c += hsum(vc); s += hsum(vs); cn += hsum(vcn);
       for (; i < n; ++i) {
-        if (!m[i]) continue;
+        if (!m[i]) {
+          if (DX) dx[i] = 0.0f;
+          continue;
+        }
         const ValueToken tok = ppo_value_token(v[i], old[i], ret[i], a.flag, a.p0);
         c += 1; s += tok.vf; cn += tok.clipped;
+        if (DX) dx[i] = tok.d_v;
       }
     }
     a.s0[b] = c; a.s1[b] = s; a.s2[b] = cn;
   }
+}
+
+template <typename VF>
+RK_INLINE void value_fwd_range(const LossArgs& a, int64_t begin, int64_t end) {
+  if (a.d0) value_fwd_rows<VF, true>(a, begin, end); else value_fwd_rows<VF, false>(a, begin, end);
 }
 
 template <typename VF>
@@ -307,10 +332,12 @@ Tensor empty_like_dtype(const Tensor& t) {
 
 }  // namespace
 
-Tensor3 ppo_policy_loss_fwd(const Tensor& logprobs, const Tensor& old_logprobs, const Tensor& advantages,
-                            const Tensor& mask, double clip_low, double clip_high, std::optional<double> dual_clip,
-                            int64_t agg) {
-  const char* op = "ppo_policy_loss_fwd";
+namespace {
+
+// The policy forward; with dx (the training forward) also each token's d pg / d logprobs.
+Tensor3 policy_forward(const char* op, const Tensor& logprobs, const Tensor& old_logprobs, const Tensor& advantages,
+                       const Tensor& mask, double clip_low, double clip_high, std::optional<double> dual_clip,
+                       int64_t agg, Tensor* dx) {
   check_loss_inputs(op, logprobs, "logprobs", old_logprobs, "old_logprobs", advantages, "advantages", mask);
   check_agg(agg, op);
   const Tensor lp = contig(logprobs), old = contig(old_logprobs), adv = contig(advantages), m = mask_bytes(mask);
@@ -318,11 +345,17 @@ Tensor3 ppo_policy_loss_fwd(const Tensor& logprobs, const Tensor& old_logprobs, 
   const auto opts = lp.options().dtype(at::kFloat);
   // per row: valid tokens, sum pg, clipped, lower, sum(old - lp)
   std::vector<double> cnt(B), pg_sum(B), clip_n(B), lower_n(B), kl_sum(B);
-  const LossArgs a{SrcF(lp), SrcF(old), SrcF(adv), reinterpret_cast<const uint8_t*>(m.data_ptr<bool>()), T,
+  LossArgs a{SrcF(lp), SrcF(old), SrcF(adv), reinterpret_cast<const uint8_t*>(m.data_ptr<bool>()), T,
                    static_cast<float>(clip_low), static_cast<float>(clip_high),
                    dual_clip ? static_cast<float>(*dual_clip) : 0.0f, dual_clip.has_value(),
                    cnt.data(), pg_sum.data(), clip_n.data(), lower_n.data(), kl_sum.data(),
                    0.0f, nullptr, nullptr, nullptr, nullptr};
+  std::optional<DstF> od;
+  if (dx) {
+    *dx = at::empty({B, T}, opts);
+    od.emplace(*dx);
+    a.d0 = &*od;
+  }
   parallel_blocks(B, row_grain(T), [&](int64_t begin, int64_t end) { policy_fwd(a, begin, end); });
   Tensor w = row_weights(cnt, agg, opts);
   const float* pw = w.data_ptr<float>();
@@ -338,6 +371,27 @@ Tensor3 ppo_policy_loss_fwd(const Tensor& logprobs, const Tensor& old_logprobs, 
   ps[1] = static_cast<float>(ln / denom);
   ps[2] = static_cast<float>(k / denom);
   return {at::scalar_tensor(loss, opts), stats, w};
+}
+
+}  // namespace
+
+Tensor3 ppo_policy_loss_fwd(const Tensor& logprobs, const Tensor& old_logprobs, const Tensor& advantages,
+                            const Tensor& mask, double clip_low, double clip_high, std::optional<double> dual_clip,
+                            int64_t agg) {
+  return policy_forward("ppo_policy_loss_fwd", logprobs, old_logprobs, advantages, mask, clip_low, clip_high,
+                        dual_clip, agg, nullptr);
+}
+
+// The forward for training on CPU: also d pg / d logprobs per token (fp32, 0 where masked, before
+// the row weights), so the backward is grad * row_weight * dx instead of a pass that recomputes the
+// ratio's exp from three inputs and the mask.
+Tensor4 ppo_policy_loss_fwd_dx(const Tensor& logprobs, const Tensor& old_logprobs, const Tensor& advantages,
+                               const Tensor& mask, double clip_low, double clip_high,
+                               std::optional<double> dual_clip, int64_t agg) {
+  Tensor dx;
+  auto [loss, stats, w] = policy_forward("ppo_policy_loss_fwd_dx", logprobs, old_logprobs, advantages, mask,
+                                         clip_low, clip_high, dual_clip, agg, &dx);
+  return {loss, stats, w, dx};
 }
 
 Tensor3 ppo_policy_loss_bwd(const Tensor& grad_loss, const Tensor& logprobs, const Tensor& old_logprobs,
@@ -359,18 +413,26 @@ Tensor3 ppo_policy_loss_bwd(const Tensor& grad_loss, const Tensor& logprobs, con
   return {dlp, dold, dadv};
 }
 
-Tensor3 ppo_value_loss_fwd(const Tensor& values, const Tensor& old_values, const Tensor& returns,
-                           const Tensor& mask, std::optional<double> clip, int64_t agg) {
-  const char* op = "ppo_value_loss_fwd";
+namespace {
+
+// The value forward; with dx (the training forward) also each token's d vf / d values.
+Tensor3 value_forward(const char* op, const Tensor& values, const Tensor& old_values, const Tensor& returns,
+                      const Tensor& mask, std::optional<double> clip, int64_t agg, Tensor* dx) {
   check_loss_inputs(op, values, "values", old_values, "old_values", returns, "returns", mask);
   check_agg(agg, op);
   const Tensor v = contig(values), old = contig(old_values), ret = contig(returns), m = mask_bytes(mask);
   const int64_t B = v.size(0), T = v.size(1);
   const auto opts = v.options().dtype(at::kFloat);
   std::vector<double> cnt(B), vf_sum(B), clip_n(B);
-  const LossArgs a{SrcF(v), SrcF(old), SrcF(ret), reinterpret_cast<const uint8_t*>(m.data_ptr<bool>()), T,
-                   clip ? static_cast<float>(*clip) : 0.0f, 0.0f, 0.0f, clip.has_value(),
-                   cnt.data(), vf_sum.data(), clip_n.data(), nullptr, nullptr, 0.0f, nullptr, nullptr, nullptr, nullptr};
+  LossArgs a{SrcF(v), SrcF(old), SrcF(ret), reinterpret_cast<const uint8_t*>(m.data_ptr<bool>()), T,
+             clip ? static_cast<float>(*clip) : 0.0f, 0.0f, 0.0f, clip.has_value(),
+             cnt.data(), vf_sum.data(), clip_n.data(), nullptr, nullptr, 0.0f, nullptr, nullptr, nullptr, nullptr};
+  std::optional<DstF> od;
+  if (dx) {
+    *dx = at::empty({B, T}, opts);
+    od.emplace(*dx);
+    a.d0 = &*od;
+  }
   parallel_blocks(B, row_grain(T), [&](int64_t begin, int64_t end) { value_fwd(a, begin, end); });
   Tensor w = row_weights(cnt, agg, opts);
   const float* pw = w.data_ptr<float>();
@@ -381,6 +443,22 @@ Tensor3 ppo_value_loss_fwd(const Tensor& values, const Tensor& old_values, const
     cn += clip_n[b];
   }
   return {at::scalar_tensor(0.5 * loss, opts), at::scalar_tensor(cn / std::max(total, 1.0), opts), w};
+}
+
+}  // namespace
+
+Tensor3 ppo_value_loss_fwd(const Tensor& values, const Tensor& old_values, const Tensor& returns,
+                           const Tensor& mask, std::optional<double> clip, int64_t agg) {
+  return value_forward("ppo_value_loss_fwd", values, old_values, returns, mask, clip, agg, nullptr);
+}
+
+// The forward for training on CPU: also d vf / d values per token (fp32, 0 where masked, before the
+// row weights and the 1/2), so the backward is 0.5 * grad * row_weight * dx.
+Tensor4 ppo_value_loss_fwd_dx(const Tensor& values, const Tensor& old_values, const Tensor& returns,
+                              const Tensor& mask, std::optional<double> clip, int64_t agg) {
+  Tensor dx;
+  auto [loss, clipfrac, w] = value_forward("ppo_value_loss_fwd_dx", values, old_values, returns, mask, clip, agg, &dx);
+  return {loss, clipfrac, w, dx};
 }
 
 Tensor3 ppo_value_loss_bwd(const Tensor& grad_loss, const Tensor& values, const Tensor& old_values,
@@ -414,6 +492,11 @@ TORCH_LIBRARY_FRAGMENT(rlhf_kernels, m) {
         "int agg) -> (Tensor, Tensor, Tensor)");
   m.def("ppo_value_loss_bwd(Tensor grad_loss, Tensor values, Tensor old_values, Tensor returns, "
         "Tensor mask, Tensor row_weight, float? clip) -> (Tensor, Tensor, Tensor)");
+  // CPU only: the training forwards of the cpu backend (see _extension_ops/ppo.py).
+  m.def("ppo_policy_loss_fwd_dx(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, "
+        "float clip_low, float clip_high, float? dual_clip, int agg) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("ppo_value_loss_fwd_dx(Tensor values, Tensor old_values, Tensor returns, Tensor mask, float? clip, "
+        "int agg) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) {
@@ -421,4 +504,6 @@ TORCH_LIBRARY_IMPL(rlhf_kernels, CPU, m) {
   m.impl("ppo_policy_loss_bwd", &rlhf_kernels::cpu::ppo_policy_loss_bwd);
   m.impl("ppo_value_loss_fwd", &rlhf_kernels::cpu::ppo_value_loss_fwd);
   m.impl("ppo_value_loss_bwd", &rlhf_kernels::cpu::ppo_value_loss_bwd);
+  m.impl("ppo_policy_loss_fwd_dx", &rlhf_kernels::cpu::ppo_policy_loss_fwd_dx);
+  m.impl("ppo_value_loss_fwd_dx", &rlhf_kernels::cpu::ppo_value_loss_fwd_dx);
 }

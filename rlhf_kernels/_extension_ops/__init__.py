@@ -7,6 +7,14 @@ after the library is loaded (:func:`register`).
 Each public op is a forward op and a backward op in C++ (``<op>_fwd`` / ``<op>_bwd``); the backward
 recomputes what it needs from the inputs and O(N) saved values (the per-row log-sum-exp and entropy
 of token_logprobs, the per-row weights of the PPO aggregation) instead of saving large intermediates.
+
+The elementwise losses (kl_penalty, ppo_policy_loss, ppo_value_loss, dpo_loss) also have a CPU-only
+training forward, ``<op>_fwd_dx``: when a CPU input needs a gradient, it writes the derivative with
+respect to that input (one fp32 tensor of the input's size) in the same pass, and the backward is
+one multiply by the upstream gradient (:func:`dx_autograd`).  On a CPU the backward is otherwise
+bound by re-evaluating the math (k3's and the policy ratio's exp, DPO's sigmoid) rather than by
+memory, so saving the derivative is what torch.compile's backward does too; on a GPU these losses
+are memory-bound and the ``_bwd`` ops recompute.
 """
 
 from __future__ import annotations
@@ -72,6 +80,36 @@ def fast_autograd(op, setup_context, backward):
             return op(*inputs)
 
     return call
+
+
+def dx_autograd(op, setup_context, backward, name: str):
+    """Like :func:`fast_autograd` for a *training forward* of the CPU backend: ``op`` also returns
+    the derivative of the result with respect to the differentiable inputs, ``setup_context`` saves
+    it (and drops it from the outputs it returns), and ``backward`` multiplies it by the upstream
+    gradient.  The backward then reads one saved fp32 tensor instead of re-evaluating the loss math
+    (the exp of a ratio, a sigmoid) from every input, as torch.compile's backward does with the
+    intermediates it saves.  Called only when :func:`cpu_training` says so."""
+
+    def forward(ctx, *inputs):
+        with _below_autograd():
+            out = op(*inputs)
+        return setup_context(ctx, inputs, out)
+
+    # Built with type() so the graph node's class is named after the op ("<op>_dx_autogradBackward").
+    fn = type(f"{name}_dx_autograd", (torch.autograd.Function,),
+              {"forward": staticmethod(forward), "backward": staticmethod(lambda ctx, *grads: backward(ctx, *grads))})
+    return fn.apply
+
+
+def cpu_training(first: torch.Tensor, *frozen: torch.Tensor) -> bool:
+    """True when ``first`` is a CPU tensor that needs a gradient (grad mode on) and none of
+    ``frozen`` does: the case the CPU training forwards (``<op>_fwd_dx``) cover."""
+    return (
+        first.device.type == "cpu"
+        and first.requires_grad
+        and torch.is_grad_enabled()
+        and not any(t.requires_grad for t in frozen)
+    )
 
 
 _registered = False

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._registry import code, register_impl
-from . import BACKENDS, NAMESPACE, as_rows, f32_like, fast_autograd
+from . import BACKENDS, NAMESPACE, as_rows, cpu_training, dx_autograd, f32_like, fast_autograd
 
 _ops = torch.ops.rlhf_kernels
 
@@ -63,13 +63,53 @@ _policy_fwd = fast_autograd(_ops.ppo_policy_loss_fwd, _policy_setup, _policy_bac
 _value_fwd = fast_autograd(_ops.ppo_value_loss_fwd, _value_setup, _value_backward)
 
 
+@torch.library.register_fake(f"{NAMESPACE}::ppo_policy_loss_fwd_dx")
+def _(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, agg):
+    return (f32_like(logprobs), f32_like(logprobs, 3), f32_like(logprobs, logprobs.shape[0]),
+            f32_like(logprobs, *logprobs.shape))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::ppo_value_loss_fwd_dx")
+def _(values, old_values, returns, mask, clip, agg):
+    return (f32_like(values), f32_like(values), f32_like(values, values.shape[0]),
+            f32_like(values, *values.shape))
+
+
+# The CPU training forwards: only the first input (logprobs / values) needs a gradient; the saved
+# per-token derivative times grad_loss * row_weight is that gradient.
+def _dx_setup(ctx, inputs, output):
+    loss, stats, row_weight, dx = output
+    ctx.mark_non_differentiable(stats, row_weight)
+    ctx.save_for_backward(dx, row_weight)
+    ctx.dtype = inputs[0].dtype
+    return loss, stats, row_weight
+
+
+def _dx_grad(ctx, scale):
+    dx, row_weight = ctx.saved_tensors
+    return (dx * (scale * row_weight).unsqueeze(1)).to(ctx.dtype)
+
+
+def _policy_dx_backward(ctx, g_loss, g_stats, g_w):
+    return (_dx_grad(ctx, g_loss), None, None, None, None, None, None, None)
+
+
+def _value_dx_backward(ctx, g_loss, g_cf, g_w):
+    return (_dx_grad(ctx, 0.5 * g_loss), None, None, None, None, None)
+
+
+_policy_train = dx_autograd(_ops.ppo_policy_loss_fwd_dx, _dx_setup, _policy_dx_backward, "ppo_policy_loss")
+_value_train = dx_autograd(_ops.ppo_value_loss_fwd_dx, _dx_setup, _value_dx_backward, "ppo_value_loss")
+
+
 def _optional_float(x):
     return None if x is None else float(x)
 
 
 @register_impl(BACKENDS, "ppo_policy_loss")
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, agg):
-    loss, stats, _ = _policy_fwd(
+    fwd = _policy_train if cpu_training(logprobs, old_logprobs, advantages) else _policy_fwd
+    loss, stats, _ = fwd(
         as_rows(logprobs), as_rows(old_logprobs), as_rows(advantages), as_rows(mask), float(clip_low),
         float(clip_high), _optional_float(dual_clip), code("agg", agg))
     clipfrac, clipfrac_lower, approx_kl = stats.unbind()
@@ -78,7 +118,8 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_hig
 
 @register_impl(BACKENDS, "ppo_value_loss")
 def ppo_value_loss(values, old_values, returns, mask, clip, agg):
-    loss, clipfrac, _ = _value_fwd(
+    fwd = _value_train if cpu_training(values, old_values, returns) else _value_fwd
+    loss, clipfrac, _ = fwd(
         as_rows(values), as_rows(old_values), as_rows(returns), as_rows(mask), _optional_float(clip),
         code("agg", agg))
     return loss, {"clipfrac": clipfrac}

@@ -242,7 +242,26 @@ def _requested(backend: str) -> tuple[str, str]:
     return backend, "backend argument"
 
 
+# Choices already made, by everything they depend on (the registry object too: tests swap it).  Only
+# a choice of an available backend is kept: a backend that runs stays able to run, while one that
+# could not (an extension still to be built) is asked again next time.  Small losses are a few
+# microseconds of kernel, so the dozen checks behind a choice are worth skipping.
+_CHOSEN: dict = {}
+
+
 def _resolve(op: str, backend: str, device: torch.device, dtypes) -> tuple[str, Callable]:
+    key = (op, backend, os.environ.get(_ENV_VAR, ""), device.type, tuple(dtypes), _triton_interpreting(),
+           id(_REGISTRY))
+    hit = _CHOSEN.get(key)
+    if hit is not None:
+        return hit
+    choice = _resolve_uncached(op, backend, device, dtypes)
+    if choice[0] != "reference" or _requested(backend)[0] == "reference":
+        _CHOSEN[key] = choice
+    return choice
+
+
+def _resolve_uncached(op: str, backend: str, device: torch.device, dtypes) -> tuple[str, Callable]:
     backend, source = _requested(backend)
     if backend != "auto":
         impl = _REGISTRY[backend]

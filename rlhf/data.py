@@ -52,9 +52,41 @@ class DataError(UserError, ValueError):
 # Loading
 
 
-def load_records(source: str, split: str = "train") -> list[dict]:
-    """Records from a local ``.jsonl`` / ``.json`` / ``.parquet`` file or a ``datasets`` name."""
-    if os.path.isfile(source):
+def is_saved_dataset(path: str) -> bool:
+    """Whether ``path`` is a folder written by ``datasets``' ``save_to_disk`` (a ``Dataset``: its
+    ``dataset_info.json`` and ``state.json``; a ``DatasetDict``: its ``dataset_dict.json``)."""
+    return os.path.isdir(path) and (
+        os.path.isfile(os.path.join(path, "dataset_dict.json"))
+        or all(os.path.isfile(os.path.join(path, f)) for f in ("dataset_info.json", "state.json")))
+
+
+def _load_saved(source: str, split: str):
+    from .optional import required
+
+    datasets = required("datasets", f"the dataset folder {source!r} (written by save_to_disk)",
+                        hint="pip install datasets")
+    try:
+        data = datasets.load_from_disk(source)
+    except Exception as e:
+        raise DataError(f"dataset folder {source!r} could not be read with datasets.load_from_disk: "
+                        f"{' '.join(str(e).split())[:300]}") from e
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise DataError(f"dataset folder {source!r} has splits {sorted(data)}; --dataset-split {split!r} "
+                            f"is not one of them")
+        data = data[split]
+    return data
+
+
+def load_records(source: str, split: str = "train", config: str | None = None) -> list[dict]:
+    """Records from a local ``.jsonl`` / ``.json`` / ``.parquet`` file, a ``save_to_disk`` folder, or a
+    Hub dataset name (``config``: its configuration, the ``name`` of ``datasets.load_dataset``).
+
+    Local files need no ``datasets`` package; saved folders and Hub names do (a clear error when it
+    is missing)."""
+    if is_saved_dataset(source):
+        records = _load_saved(source, split).to_list()
+    elif os.path.isfile(source):
         try:
             records = _read_file(source)
         except OSError as e:  # unreadable (permissions, I/O)
@@ -62,14 +94,15 @@ def load_records(source: str, split: str = "train") -> list[dict]:
     elif os.path.sep in source and not os.path.exists(source) and (source.startswith((".", "/", "~"))):
         raise DataFileNotFound(f"dataset file {source!r} does not exist")
     else:
+        from .optional import required
+
+        datasets = required("datasets", f"the dataset {source!r} (not a local file: a Hub dataset)",
+                            hint="pip install datasets")
         try:
-            import datasets
-        except ImportError as e:  # pragma: no cover - datasets is optional
-            raise DataError(f"{source!r} is not a local file and the `datasets` package is not installed") from e
-        try:
-            records = datasets.load_dataset(source, split=split).to_list()
+            records = datasets.load_dataset(source, name=config, split=split).to_list()
         except Exception as e:
-            raise DataError(f"could not load dataset {source!r} (split {split!r}): "
+            what = f"split {split!r}" + (f", configuration {config!r}" if config else "")
+            raise DataError(f"could not load dataset {source!r} ({what}): "
                             f"{' '.join(str(e).split())[:300]}") from e
     if not records:
         raise DataError(f"dataset {source!r} is empty")

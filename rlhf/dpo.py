@@ -15,6 +15,7 @@ as TRL users expect: ``rewards/chosen`` = beta * (log pi - log ref) on chosen re
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -30,7 +31,10 @@ from .training import Trainer
 
 @dataclass
 class DPOConfig(TrainConfig):
-    """DPO settings."""
+    """DPO settings.  The defaults are TRL's ``DPOConfig``'s; a model from the built-in task gets the
+    task's own (``Task.defaults["dpo"]``)."""
+
+    DEFAULTS_KEY: ClassVar[str] = "dpo"
 
     model: str = "outputs/sft"
     """The SFT model to start from."""
@@ -44,17 +48,17 @@ class DPOConfig(TrainConfig):
     """``sigmoid`` (DPO), ``ipo``, ``hinge`` or ``robust``."""
     label_smoothing: float = 0.0
     """Assumed fraction of flipped labels in [0, 0.5) (cDPO / robust DPO)."""
-    max_length: int = 32
+    max_length: int = 1024
     """Maximum tokens per sequence (prompt + response); responses are cut to fit, prompts never."""
-    per_device_batch_size: int = 32
+    per_device_batch_size: int = 8
     """Pairs per micro-batch on each process."""
-    lr: float = 2e-4
+    lr: float = 1e-6
     """Peak learning rate of AdamW."""
-    warmup_steps: int = 10
-    """Linear warmup steps from 0 to ``lr``."""
-    num_epochs: float = 1.0
+    lr_scheduler: str = "linear"
+    """Decay after warmup: ``cosine``, ``linear`` or ``constant``."""
+    num_epochs: float = 3.0
     """Passes over the training pairs (ignored when ``max_steps`` > 0)."""
-    eval_fraction: float = 0.05
+    eval_fraction: float = 0.0
     """Fraction of the pairs held out for eval/loss and eval/rewards/accuracies."""
     gold_eval_prompts: int = 256
     """Built-in task only: held-out prompts sampled (temperature 1) to report gold/mean_score."""

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from .actor_critic import ActorCritic
 from .checkpoint import load_training_state, save_checkpoint, save_final
-from .config import ConfigError, RunConfig
+from .config import Alias, ConfigError, RunConfig
 from .data import tokenize_prompts
 from .distributed import set_step
 from .evaluate import evaluate_policy
@@ -164,7 +165,17 @@ class PPOHyperParams:
 
 @dataclass
 class PPOConfig(PPOHyperParams, RunConfig):
-    """PPO settings.  ``model`` is the SFT model (the policy's start and the frozen reference)."""
+    """PPO settings.  ``model`` is the SFT model (the policy's start and the frozen reference).  The
+    defaults suit real models (TRL's PPO settings); a model from the built-in task gets the task's own
+    (``Task.defaults["ppo"]``)."""
+
+    DEFAULTS_KEY: ClassVar[str] = "ppo"
+    ALIASES: ClassVar[dict] = {  # TRL's PPOConfig names
+        "num_ppo_epochs": Alias("ppo_epochs"),
+        "cliprange": Alias("clip_low"),
+        "cliprange_value": Alias("value_clip"),
+        "response_length": Alias("max_new_tokens"),
+    }
 
     output_dir: str = "outputs/ppo"
     """Where checkpoints, the final policy and metrics.jsonl are written."""

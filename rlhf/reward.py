@@ -13,6 +13,7 @@ the accuracy against the true ordering rather than the noisy labels.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -26,23 +27,26 @@ from .training import Trainer
 
 @dataclass
 class RewardConfig(TrainConfig):
-    """Reward-model settings."""
+    """Reward-model settings.  The defaults are TRL's ``RewardConfig``'s; a model from the built-in task
+    gets the task's own (``Task.defaults["reward"]``)."""
+
+    DEFAULTS_KEY: ClassVar[str] = "reward"
 
     model: str = "outputs/sft"
     """The SFT model to initialise from (its body is loaded; the scalar head is new)."""
     output_dir: str = "outputs/rm"
     """Where checkpoints, the final reward model and metrics.jsonl are written."""
-    max_length: int = 32
+    max_length: int = 1024
     """Maximum tokens per sequence (prompt + response); responses are cut to fit, prompts never."""
-    per_device_batch_size: int = 32
+    per_device_batch_size: int = 8
     """Pairs per micro-batch on each process."""
-    lr: float = 1e-3
+    lr: float = 1e-4
     """Peak learning rate of AdamW."""
-    warmup_steps: int = 10
-    """Linear warmup steps from 0 to ``lr``."""
+    lr_scheduler: str = "linear"
+    """Decay after warmup: ``cosine``, ``linear`` or ``constant``."""
     num_epochs: float = 3.0
     """Passes over the training pairs (ignored when ``max_steps`` > 0)."""
-    eval_fraction: float = 0.1
+    eval_fraction: float = 0.0
     """Fraction of the pairs held out to measure pairwise accuracy."""
     margin_column: str = "margin"
     """Column with a per-pair margin subtracted inside the sigmoid, when the data has it."""

@@ -184,7 +184,11 @@ def build_model(vocab_size: int):
     return LlamaForCausalLM(tiny_llama_config(vocab_size))
 
 
-# PPO settings for the tiny model (found on the task; the PPO defaults suit real models).
+# Settings tuned for the tiny model, per command (the commands' own defaults are TRL's, for real models).
+_TINY = {"max_length": 32, "per_device_batch_size": 32, "lr_scheduler": "cosine"}
+SFT_DEFAULTS = {**_TINY, "lr": 3e-3, "warmup_steps": 20, "num_epochs": 2.0, "eval_fraction": 0.05}
+REWARD_DEFAULTS = {**_TINY, "lr": 1e-3, "warmup_steps": 10, "num_epochs": 3.0, "eval_fraction": 0.1}
+DPO_DEFAULTS = {**_TINY, "lr": 2e-4, "warmup_steps": 10, "num_epochs": 1.0, "eval_fraction": 0.05}
 PPO_DEFAULTS = {
     "rollout_batch_size": 64,
     "mini_batch_size": 16,
@@ -204,5 +208,5 @@ TASK = register_task(Task(
     data_sizes={"sft": 4000, "preference": 6000, "prompts": 1000},
     gold_score=gold_score,
     evaluate_gold=evaluate_gold,
-    ppo_defaults=PPO_DEFAULTS,
+    defaults={"sft": SFT_DEFAULTS, "reward": REWARD_DEFAULTS, "dpo": DPO_DEFAULTS, "ppo": PPO_DEFAULTS},
 ))

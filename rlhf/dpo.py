@@ -22,7 +22,7 @@ import torch
 import rlhf_kernels as rk
 
 from .config import TrainConfig, require, require_choice
-from .data import collate_preference, tokenize_preference
+from .data import collate_preference, set_columns, tokenize_preference
 from .distributed import all_gather_cat
 from .models import load_policy, load_reference, sequence_logprobs, unwrap
 from .trainer_utils import run_command
@@ -92,8 +92,7 @@ def add_reference_logprobs(ref, examples: list[dict], pad_id: int, cfg, info) ->
         parts.append(torch.stack([c, r], -1))
     local = torch.cat(parts) if parts else torch.zeros(0, 2, device=info.device)
     every = all_gather_cat(local, [bounds[r + 1] - bounds[r] for r in range(w)]).cpu()
-    for ex, (c, r) in zip(examples, every.tolist()):
-        ex["ref_chosen"], ex["ref_rejected"] = c, r
+    set_columns(examples, {"ref_chosen": every[:, 0].tolist(), "ref_rejected": every[:, 1].tolist()})
 
 
 def dpo_terms(model, examples, pad_id, cfg, device):

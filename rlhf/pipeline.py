@@ -269,9 +269,9 @@ def run_pipeline(args: PipelineConfig) -> dict:
     if task is not None:
         eval_prompts = [r["prompt"] for r in task.prompts(args.eval_prompts, seed=10_000 + args.seed)]
     else:
-        from .data import load_records
+        from .data import load_records, take
 
-        eval_prompts = [r["prompt"] for r in load_records(args.prompt_data)[: args.eval_prompts]]
+        eval_prompts = [r["prompt"] for r in take(load_records(args.prompt_data), args.eval_prompts)]
     sft_model = load_policy(paths["sft"], tok, device, trainable=False)
     reward_model = load_reward_model(paths["reward"], tok, device, trainable=False)
     max_new = ppo_cfg.max_new_tokens

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import TrainConfig, require
-from .data import DataError, collate_preference, tokenize_preference
+from .data import DataError, collate_preference, is_table, set_columns, tokenize_preference
 from .models import ScalarHead, load_reward_model, sequence_rewards, unwrap
 from .trainer_utils import run_command
 from .training import Trainer
@@ -57,7 +57,18 @@ class RewardConfig(TrainConfig):
 
 
 def attach_columns(tokenized: list[dict], records: list[dict], columns: tuple[str, ...]) -> list[dict]:
-    """Copy numeric ``columns`` (margin, gold scores) from the records onto the tokenized examples."""
+    """Copy numeric ``columns`` (margin, gold scores) from the records onto the tokenized examples
+    (a list of dicts, or an :class:`~rlhf.data.ExampleTable` with records in a ``datasets.Dataset``)."""
+    if is_table(records):
+        for c in columns:
+            if c not in records.column_names:
+                continue
+            values = records[c]
+            for i, v in enumerate(values):
+                if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise DataError(f"record {i}: column {c!r} must be a number, got {v!r:.40}")
+            set_columns(tokenized, {c: [float(v) for v in values]})
+        return tokenized
     for ex, rec in zip(tokenized, records):
         for c in columns:
             if c in rec and rec[c] is not None:

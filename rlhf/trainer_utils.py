@@ -167,6 +167,11 @@ class RunContext:
         from .models import check_model_path, load_tokenizer, resolve_device
 
         self.cfg = cfg
+        from .config import report_targets
+        from .optional import required
+
+        for target in report_targets(cfg.report_to):  # before any folder is made or model loaded
+            required(target, f"--report-to {target}")
         self.info = init_distributed(resolve_device(cfg.device), timeout=cfg.ddp_timeout)
         self.device = self.info.device
         seed_everything(cfg.seed)

@@ -39,7 +39,7 @@ def test_builtin_task_keeps_its_tuned_settings():
 
 
 def test_any_other_model_gets_trls_defaults(tiny_models):
-    import trl
+    trl = pytest.importorskip("trl")
 
     model = tiny_models["llama"]
     for ours, theirs in ((SFTConfig, trl.SFTConfig), (RewardConfig, trl.RewardConfig), (DPOConfig, trl.DPOConfig)):
@@ -174,6 +174,7 @@ def test_bad_report_to_names_the_option():
 
 
 def test_report_to_tensorboard_writes_readable_event_files(tmp_path):
+    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     log = MetricsLogger(str(tmp_path), report_to="tensorboard")
@@ -287,7 +288,7 @@ def test_optional_helpers(monkeypatch, capsys):
 
 
 def test_save_to_disk_folders(tmp_path):
-    import datasets
+    datasets = pytest.importorskip("datasets")
 
     from rlhf.data import DataError, is_table, load_records
 
@@ -303,7 +304,7 @@ def test_save_to_disk_folders(tmp_path):
 
 
 def test_save_to_disk_without_datasets_is_a_clear_error(tmp_path, monkeypatch):
-    import datasets
+    datasets = pytest.importorskip("datasets")
 
     from rlhf.data import load_records
 
@@ -314,7 +315,7 @@ def test_save_to_disk_without_datasets_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_dataset_config_reaches_load_dataset(monkeypatch):
-    import datasets
+    datasets = pytest.importorskip("datasets")
 
     from rlhf.data import load_records
 
@@ -338,7 +339,7 @@ def test_dataset_config_reaches_load_dataset(monkeypatch):
 def test_arrow_tokenization_matches_the_list_path_and_trains(tmp_path, tiny_models):
     """Records in a datasets.Dataset are tokenized with Dataset.map into a table, read one example at a
     time; training on it gives the same run as the same records from a JSONL file."""
-    import datasets
+    datasets = pytest.importorskip("datasets")
 
     from rlhf.data import ExampleTable, tokenize_preference, tokenize_prompts, tokenize_sft
     from rlhf.models import load_tokenizer
@@ -367,7 +368,7 @@ def test_arrow_tokenization_matches_the_list_path_and_trains(tmp_path, tiny_mode
 
 
 def test_dpo_on_a_saved_folder(tmp_path, tiny_models):
-    import datasets
+    datasets = pytest.importorskip("datasets")
 
     from rlhf.dpo import train_dpo
 

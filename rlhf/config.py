@@ -181,7 +181,11 @@ def model_task(model: Any, _depth: int = 0):
     task = get_task(model)
     if task is not None:
         return task
-    for folder in (model, os.path.dirname(model.rstrip("/\\"))):  # a run folder, or a checkpoint in one
+    folders = [model]
+    stripped = model.rstrip("/" + os.sep)
+    if os.path.basename(stripped).startswith("checkpoint-"):  # a checkpoint inside a run folder
+        folders.append(os.path.dirname(stripped))
+    for folder in folders:
         path = os.path.join(folder, "run_config.yaml") if folder else ""
         if path and os.path.isfile(path):
             import yaml

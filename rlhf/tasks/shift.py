@@ -16,8 +16,9 @@ response replaces each letter by the next one in the alphabet, wrapping ``l`` to
 
 The model is a tiny Llama (:func:`tiny_llama_config`) and the tokenizer is character-level
 (:func:`build_tokenizer`); neither needs a download.  Everything is a pure function of the seed.
-The task registers itself as ``builtin`` (:data:`TASK`, see :mod:`rlhf.tasks.registry`), with the PPO
-settings tuned for the tiny model (:data:`PPO_DEFAULTS`).
+The task registers itself as ``builtin`` (:data:`TASK`, see :mod:`rlhf.tasks.registry`), with the
+settings tuned for the tiny model per command (:data:`SFT_DEFAULTS`, :data:`REWARD_DEFAULTS`,
+:data:`DPO_DEFAULTS`, :data:`PPO_DEFAULTS`); the commands' own defaults are for real models.
 """
 
 from __future__ import annotations

@@ -340,6 +340,7 @@ def make_plots(out: str, paths: dict, runs: list[str]) -> list[str]:
         return []
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     from .metrics_log import read_metrics
 
     plot_dir = os.path.join(out, "plots")

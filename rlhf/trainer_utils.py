@@ -220,7 +220,6 @@ def command_body(name: str, argv: list[str] | None, body: Callable[[], int]) -> 
 
     from .config import debug_requested
     from .distributed import describe_failure, teardown
-
     from .optional import set_command
 
     debug = debug_requested(argv)

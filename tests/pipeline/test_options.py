@@ -317,7 +317,6 @@ def test_save_to_disk_without_datasets_is_a_clear_error(tmp_path, monkeypatch):
 def test_dataset_config_reaches_load_dataset(monkeypatch):
     datasets = pytest.importorskip("datasets")
 
-    from rlhf.data import load_records
 
     calls = []
     recs = tasks.make_demonstrations(3, seed=4)
@@ -357,8 +356,8 @@ def test_arrow_tokenization_matches_the_list_path_and_trains(tmp_path, tiny_mode
 
     pairs = [{**p, "margin": 0.25} for p in tasks.make_preference_pairs(24, seed=6)]
     datasets.Dataset.from_list(pairs).save_to_disk(str(tmp_path / "pairs"))
-    common = dict(model=tiny_models["llama"], max_steps=3, per_device_batch_size=4, max_length=16,
-                  logging_steps=1, progress_bar=False, eval_fraction=0.25, seed=2)
+    common = {"model": tiny_models["llama"], "max_steps": 3, "per_device_batch_size": 4, "max_length": 16,
+              "logging_steps": 1, "progress_bar": False, "eval_fraction": 0.25, "seed": 2}
     a = train_reward(RewardConfig(dataset=write_jsonl(tmp_path / "p.jsonl", pairs),
                                   output_dir=str(tmp_path / "a"), **common))
     b = train_reward(RewardConfig(dataset=str(tmp_path / "pairs"), output_dir=str(tmp_path / "b"), **common))
@@ -374,8 +373,8 @@ def test_dpo_on_a_saved_folder(tmp_path, tiny_models):
 
     pairs = tasks.make_preference_pairs(16, seed=7)
     datasets.Dataset.from_list(pairs).save_to_disk(str(tmp_path / "pairs"))
-    common = dict(model=tiny_models["llama"], max_steps=2, per_device_batch_size=4, max_length=16,
-                  logging_steps=1, progress_bar=False, eval_fraction=0.25, lr=1e-2)
+    common = {"model": tiny_models["llama"], "max_steps": 2, "per_device_batch_size": 4, "max_length": 16,
+              "logging_steps": 1, "progress_bar": False, "eval_fraction": 0.25, "lr": 1e-2}
     a = train_dpo(DPOConfig(dataset=write_jsonl(tmp_path / "p.jsonl", pairs), output_dir=str(tmp_path / "a"),
                             **common))
     b = train_dpo(DPOConfig(dataset=str(tmp_path / "pairs"), output_dir=str(tmp_path / "b"), **common))

@@ -174,7 +174,7 @@ def model_task(model: Any, _depth: int = 0):
     else None."""
     import os
 
-    from .tasks import get_task
+    from .tasks.registry import get_task  # importing it registers the built-in tasks (rlhf/tasks/__init__)
 
     if not isinstance(model, str) or _depth > 8:
         return None

@@ -22,7 +22,7 @@ import math
 import textwrap
 import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, NamedTuple
 
 from .tasks.registry import DEFAULT_TASK
 
@@ -85,14 +85,164 @@ def require_choice(name: str, value: Any, choices) -> None:
     require(value in choices, name, "one of " + ", ".join(map(str, choices)), value)
 
 
+class Alias(NamedTuple):
+    """Another name for option ``target`` (TRL's or Hugging Face ``TrainingArguments``' spelling).
+
+    ``convert`` maps the alias's value onto the target's (``--bf16 true`` -> ``dtype: bfloat16``); it
+    returns :data:`IGNORED` when the value asks for nothing (``--bf16 false``)."""
+
+    target: str
+    convert: Any = None
+    kind: type = str
+    """The type of the alias's own value (``bool`` for a flag such as ``--bf16``)."""
+
+
+IGNORED = object()
+
+
+def _dtype_flag(dtype: str):
+    return lambda v: dtype if v else IGNORED
+
+
+def _resume_from_checkpoint(v):
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+        return v.lower() in ("true", "1", "yes", "on")
+    raise ConfigError(f"--resume_from_checkpoint {v!r}: resuming from a given checkpoint path is not supported; "
+                      f"rlhf resumes the newest complete checkpoint of --output-dir with --resume "
+                      f"(or --resume_from_checkpoint true)")
+
+
+def _lr_scheduler_type(v):
+    return "constant" if v == "constant_with_warmup" else v  # our constant schedule warms up too
+
+
+# TRL / TrainingArguments names accepted for the options every trainer has.  Ours stay the documented
+# names; an alias is listed in --help and may not contradict our name in the same file or command line.
+RUN_ALIASES = {
+    "learning_rate": Alias("lr"),
+    "num_train_epochs": Alias("num_epochs"),
+    "lr_scheduler_type": Alias("lr_scheduler", _lr_scheduler_type),
+    "model_name_or_path": Alias("model"),
+    "dataset_name": Alias("dataset"),
+    "dataset_train_split": Alias("dataset_split"),
+    "dataset_config_name": Alias("dataset_config"),
+    "bf16": Alias("dtype", _dtype_flag("bfloat16"), bool),
+    "fp16": Alias("dtype", _dtype_flag("float16"), bool),
+    "resume_from_checkpoint": Alias("resume", _resume_from_checkpoint),
+}
+
+
+def aliases_of(cls: type) -> dict[str, Alias]:
+    """The aliases of config class ``cls``: its own ``ALIASES`` over those of its bases."""
+    out: dict[str, Alias] = {}
+    for klass in reversed(cls.__mro__):
+        out.update(vars(klass).get("ALIASES", {}))
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {a: al for a, al in out.items() if al.target in names and a not in names}
+
+
+class ModelDefaults(type):
+    """Metaclass of the run configs: the defaults of an option belong to the model.
+
+    A config class names its command in ``DEFAULTS_KEY`` (``sft``, ``reward``, ...).  Its dataclass
+    defaults are the ones for any model (TRL's trainers' defaults); when ``model`` is a built-in task,
+    or a folder a run on one wrote (see :func:`model_task`), the task's tuned settings for that command
+    (``Task.defaults[key]``) replace them.  Whatever the caller passes (Python keyword, YAML, command
+    line) always wins."""
+
+    def __call__(cls, *args, **kwargs):
+        key = getattr(cls, "DEFAULTS_KEY", None)
+        if key and not args:
+            model = kwargs.get("model", _field_default(cls, "model"))
+            tuned = model_defaults(cls, model)
+            kwargs = {**tuned, **kwargs}
+        return super().__call__(*args, **kwargs)
+
+
+def _field_default(cls: type, name: str) -> Any:
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f.default
+    return None
+
+
+def model_task(model: Any, _depth: int = 0):
+    """The built-in task ``model`` stands for: a task name, or a folder a run on one wrote (its
+    ``run_config.yaml`` names the model it started from; followed back to a task or a real model),
+    else None."""
+    import os
+
+    from .tasks.registry import get_task  # importing it registers the built-in tasks (rlhf/tasks/__init__)
+
+    if not isinstance(model, str) or _depth > 8:
+        return None
+    task = get_task(model)
+    if task is not None:
+        return task
+    folders = [model]
+    stripped = model.rstrip("/" + os.sep)
+    if os.path.basename(stripped).startswith("checkpoint-"):  # a checkpoint inside a run folder
+        folders.append(os.path.dirname(stripped))
+    for folder in folders:
+        path = os.path.join(folder, "run_config.yaml") if folder else ""
+        if path and os.path.isfile(path):
+            import yaml
+
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    parent = (yaml.safe_load(fh) or {}).get("model")
+            except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):
+                return None
+            if isinstance(parent, str) and os.path.abspath(parent) != os.path.abspath(model):
+                return model_task(parent, _depth + 1)
+            return None
+    return None
+
+
+def model_defaults(cls: type, model: Any) -> dict[str, Any]:
+    """The settings ``model``'s built-in task tunes for ``cls``'s command ({} for any other model)."""
+    task = model_task(model)
+    key = getattr(cls, "DEFAULTS_KEY", None)
+    if task is None or not key:
+        return {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in task.defaults.get(key, {}).items() if k in names}
+
+
+REPORT_TARGETS = ("tensorboard", "wandb")
+
+
+def report_targets(report_to: str) -> list[str]:
+    """``--report-to`` as a list: ``none`` -> [], ``tensorboard,wandb`` -> both (``all``: both)."""
+    names = [x.strip() for x in str(report_to).split(",") if x.strip()]
+    if names in (["none"], []):
+        return []
+    if names == ["all"]:
+        return list(REPORT_TARGETS)
+    bad = [x for x in names if x not in REPORT_TARGETS]
+    require(not bad, "report_to", "none, tensorboard, wandb, all, or a comma-separated list of tensorboard "
+            "and wandb", report_to)
+    return list(dict.fromkeys(names))
+
+
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 KERNEL_BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 
 
 @dataclass
-class RunConfig:
-    """Settings shared by every trainer (PPO batches its rollouts its own way: see :class:`TrainConfig`)."""
+class RunConfig(metaclass=ModelDefaults):
+    """Settings shared by every trainer (PPO batches its rollouts its own way: see :class:`TrainConfig`).
+
+    The defaults written here are for any model, following TRL's trainers; a built-in task replaces
+    some of them with its own tuned settings (:class:`ModelDefaults`)."""
+
+    DEFAULTS_KEY: ClassVar[str | None] = None
+    """The command whose settings a built-in task tunes (``Task.defaults[DEFAULTS_KEY]``)."""
+    ALIASES: ClassVar[dict[str, Alias]] = RUN_ALIASES
+    """Other accepted names of options (TRL's), merged over the class hierarchy: :func:`aliases_of`."""
 
     model: str = DEFAULT_TASK
     """Policy/base model: a local folder or a Hub name loadable with ``from_pretrained``, or
@@ -100,9 +250,12 @@ class RunConfig:
     tokenizer: str | None = None
     """Tokenizer folder or Hub name; defaults to ``model``."""
     dataset: str = DEFAULT_TASK
-    """Training data: a local .jsonl/.json/.parquet file, a ``datasets`` name, or ``builtin``."""
+    """Training data: a local .jsonl/.json/.parquet file, a folder written by ``datasets``'
+    ``save_to_disk``, a Hub dataset name, or ``builtin``."""
     dataset_split: str = "train"
-    """Split to read when ``dataset`` is a ``datasets`` name."""
+    """Split to read when ``dataset`` is a Hub dataset or a saved ``DatasetDict`` folder."""
+    dataset_config: str | None = None
+    """Configuration (subset) of a Hub dataset: the ``name`` argument of ``datasets.load_dataset``."""
     eval_dataset: str | None = None
     """Held-out data (same formats); when unset, ``eval_fraction`` of ``dataset`` is held out."""
     eval_fraction: float = 0.0
@@ -152,6 +305,10 @@ class RunConfig:
     """``auto`` (CUDA when available), ``cpu`` or ``cuda``."""
     kernel_backend: str = "auto"
     """rlhf_kernels backend for log-probs and losses."""
+    report_to: str = "none"
+    """Also send the logged metrics to ``tensorboard`` (``OUTPUT_DIR/tensorboard``), ``wandb`` (project
+    from WANDB_PROJECT, default ``rlhf``; WANDB_MODE=offline needs no network), both
+    (``tensorboard,wandb``) or ``none``; metrics.jsonl is always written."""
     progress_bar: bool = True
     """Show a progress bar (on the main process, when stderr is a terminal)."""
     ddp_timeout: float = 1800.0
@@ -179,6 +336,9 @@ class RunConfig:
         require(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"), "device",
                 "auto, cpu, cuda, cuda:N or mps", self.device)
         require_choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
+        require(self.dataset_config is None or self.dataset_config.strip() != "", "dataset_config",
+                "a configuration name (or unset)", self.dataset_config)
+        report_targets(self.report_to)
         require(self.ddp_timeout > 0.0, "ddp_timeout", "> 0 seconds", self.ddp_timeout)
         require(not (self.resume and self.overwrite_output_dir), "resume", "off with --overwrite-output-dir "
                 "(continue the run, or start a new one over it, not both)", self.resume)
@@ -187,6 +347,10 @@ class RunConfig:
 @dataclass
 class TrainConfig(RunConfig):
     """Settings of the trainers that step over batches of a dataset (SFT, reward model, DPO)."""
+
+    ALIASES: ClassVar[dict[str, Alias]] = {
+        "per_device_train_batch_size": Alias("per_device_batch_size"),
+    }
 
     padding_side: str = "right"
     """``right`` or ``left`` padding of training batches (position ids follow the attention mask)."""
@@ -263,18 +427,21 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def build_parser(cls: type, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
-    """An argparse parser with ``--config``, ``--debug`` and one ``--field-name`` option per field of ``cls``."""
+    """An argparse parser with ``--config``, ``--debug``, one ``--field-name`` option per field of ``cls``
+    (``--field_name`` too) and its aliases (:func:`aliases_of`)."""
     docs = field_docs(cls)
     parser = ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="YAML file with field: value lines (command line wins)")
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of an error (also: environment variable RLHF_DEBUG=1)")
     hints = typing.get_type_hints(cls)
+    tuned = _tuned_defaults(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else None
+        shown = f" (default: {default}" + (f"; built-in task: {tuned[f.name]}" if f.name in tuned else "") + ")"
         # argparse formats help with %: a literal percent sign must be doubled.
-        help_text = (docs.get(f.name, "") + f" (default: {default})").replace("%", "%%")
+        help_text = (docs.get(f.name, "") + shown).replace("%", "%%")
         flags = ["--" + f.name.replace("_", "-")]
         if "_" in f.name:
             flags.append("--" + f.name)
@@ -282,12 +449,63 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
             parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
         else:
             parser.add_argument(*flags, dest=f.name, type=str, metavar=f.name.upper(), help=help_text)
+    aliases = aliases_of(cls)
+    if aliases:
+        group = parser.add_argument_group("TRL names", "accepted in place of ours (also in --config YAML); "
+                                          "giving both with different values is an error")
+        for name, al in aliases.items():
+            what = f"alias of {option(al.target)}"
+            if al.kind is bool:
+                what += f" (true: {option(al.target)} {al.convert(True)})" if al.convert else ""
+                group.add_argument("--" + name, dest=_ALIAS_DEST + name, nargs="?", const="true", metavar="BOOL",
+                                   help=what)
+            else:
+                group.add_argument("--" + name, dest=_ALIAS_DEST + name, metavar=al.target.upper(), help=what)
     return parser
+
+
+_ALIAS_DEST = "alias:"
+
+
+def _tuned_defaults(cls: type) -> dict[str, Any]:
+    """What the default built-in task sets for ``cls`` (shown in --help beside our defaults)."""
+    return model_defaults(cls, DEFAULT_TASK)
+
+
+def resolve_aliases(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """``values`` (from one source: a YAML file or the command line) with aliases renamed to our
+    options and their values converted; an alias that contradicts our name, or another alias of the
+    same option, in the same source is a :class:`ConfigError` naming both."""
+    aliases = aliases_of(cls)
+    hints = typing.get_type_hints(cls)
+    out = {k: v for k, v in values.items() if k not in aliases}
+    given_as: dict[str, str] = {k: option(k) for k in out}
+    for name, value in values.items():
+        al = aliases.get(name)
+        if al is None:
+            continue
+        if al.kind is bool and isinstance(value, str):
+            value = _convert(name, value, bool)
+        if al.convert is not None:
+            value = al.convert(value)
+        if value is IGNORED:
+            continue
+        if al.target in out:
+            mine, theirs = _convert(al.target, out[al.target], hints[al.target]), _convert(al.target, value,
+                                                                                          hints[al.target])
+            if mine != theirs:
+                raise ConfigError(f"--{name} (an alias of {option(al.target)}) gives {theirs!r} but "
+                                  f"{given_as[al.target]} gives {mine!r} {where}; give one of them")
+            continue
+        out[al.target] = value
+        given_as[al.target] = "--" + name
+    return out
 
 
 def parse_config(cls: type, argv: list[str] | None = None, prog: str | None = None,
                  description: str | None = None):
-    """Build a ``cls`` from defaults, then ``--config FILE`` (YAML), then command-line options."""
+    """Build a ``cls`` from defaults (the model's: :class:`ModelDefaults`), then ``--config FILE``
+    (YAML), then command-line options; TRL's names are accepted for ours (:func:`aliases_of`)."""
     parser = build_parser(cls, prog=prog, description=description)
     ns = vars(parser.parse_args(argv))
     values: dict[str, Any] = {}
@@ -295,12 +513,13 @@ def parse_config(cls: type, argv: list[str] | None = None, prog: str | None = No
     path = ns.pop("config", None)
     if path is not None:
         values.update(load_yaml(path, cls))
-    values.update(ns)
+    cli = {k.removeprefix(_ALIAS_DEST): v for k, v in ns.items()}
+    values.update(resolve_aliases(cls, cli, "on the command line"))
     return make_config(cls, values)
 
 
 def load_yaml(path: str, cls: type) -> dict[str, Any]:
-    """Read a YAML mapping of field names (dashes or underscores) for ``cls``."""
+    """Read a YAML mapping of field names (dashes or underscores, or their aliases) for ``cls``."""
     import yaml
 
     try:
@@ -314,7 +533,7 @@ def load_yaml(path: str, cls: type) -> dict[str, Any]:
         raise ConfigError(f"--config file {path!r} is not valid YAML: {' '.join(str(e).split())}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"--config file {path!r} must hold a mapping of field: value, got {type(data).__name__}")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    return resolve_aliases(cls, {str(k).replace("-", "_"): v for k, v in data.items()}, f"in --config {path}")
 
 
 def make_config(cls: type, values: dict[str, Any]):
@@ -323,7 +542,9 @@ def make_config(cls: type, values: dict[str, Any]):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ConfigError(f"unknown config field(s) {unknown} for {cls.__name__}; valid: {sorted(names)}")
+        aliases = sorted(aliases_of(cls)) if dataclasses.is_dataclass(cls) and isinstance(cls, type) else []
+        raise ConfigError(f"unknown config field(s) {unknown} for {cls.__name__}; valid: {sorted(names)}"
+                          + (f"; TRL names also accepted: {aliases}" if aliases else ""))
     return cls(**{k: _convert(k, v, hints[k]) for k, v in values.items()})
 
 

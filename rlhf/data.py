@@ -10,7 +10,13 @@ Formats (one record per line of a JSONL file, an element of a JSON list, a parqu
   messages for chats; for strings, characters up to the last whitespace or the first difference).
 - ``prompt`` alone: prompt-only data for RL.
 
-Tokenized examples are plain dicts of Python int lists so they can be batched by :func:`pad_batch`:
+Records come as a list of dicts (local files, a built-in task) or, from a ``save_to_disk`` folder or
+a Hub dataset, as a ``datasets.Dataset``: such data stays an Arrow table through tokenization
+(``Dataset.map(batched=True)``, kept in memory, never written next to the user's data) and the
+trainers read it through :class:`ExampleTable`, a list-like view that makes one example's dict at a
+time, so a million-row dataset never exists as a million Python dicts.
+
+Each tokenized example is a dict of Python int lists, batched by :func:`pad_batch`:
 SFT ``{"input_ids", "labels"}`` (labels are -100 outside completion/assistant tokens); preference
 ``{"chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels"}``; prompt-only
 ``{"prompt_ids"}``.  An end-of-sequence token closes every completion (unless the chat template
@@ -52,9 +58,173 @@ class DataError(UserError, ValueError):
 # Loading
 
 
-def load_records(source: str, split: str = "train") -> list[dict]:
-    """Records from a local ``.jsonl`` / ``.json`` / ``.parquet`` file or a ``datasets`` name."""
-    if os.path.isfile(source):
+def is_saved_dataset(path: str) -> bool:
+    """Whether ``path`` is a folder written by ``datasets``' ``save_to_disk`` (a ``Dataset``: its
+    ``dataset_info.json`` and ``state.json``; a ``DatasetDict``: its ``dataset_dict.json``)."""
+    return os.path.isdir(path) and (
+        os.path.isfile(os.path.join(path, "dataset_dict.json"))
+        or all(os.path.isfile(os.path.join(path, f)) for f in ("dataset_info.json", "state.json")))
+
+
+def _load_saved(source: str, split: str):
+    from .optional import required
+
+    datasets = required("datasets", f"the dataset folder {source!r} (written by save_to_disk)",
+                        hint="pip install datasets")
+    try:
+        data = datasets.load_from_disk(source)
+    except Exception as e:
+        raise DataError(f"dataset folder {source!r} could not be read with datasets.load_from_disk: "
+                        f"{' '.join(str(e).split())[:300]}") from e
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise DataError(f"dataset folder {source!r} has splits {sorted(data)}; --dataset-split {split!r} "
+                            f"is not one of them")
+        data = data[split]
+    return data
+
+
+def is_table(records) -> bool:
+    """Whether ``records`` is a ``datasets.Dataset`` (an Arrow table) rather than a list of dicts."""
+    return hasattr(records, "column_names") and hasattr(records, "map")
+
+
+def take(records, n: int) -> list[dict]:
+    """The first ``n`` records (of a list or a ``datasets.Dataset``) as a list of dicts."""
+    if is_table(records):
+        return records.select(range(min(n, len(records)))).to_list()
+    return list(records[:n])
+
+
+class ExampleTable:
+    """Tokenized examples held in a ``datasets.Dataset``, read like a list: ``len``, ``t[i]`` (one
+    example's dict), ``t[a:b]`` and iteration (lists of dicts, made on demand).  Columns computed
+    later (DPO's reference log-probs, a reward margin) are kept beside the table by
+    :func:`set_columns`, as plain lists of numbers."""
+
+    def __init__(self, table, extra: dict[str, list] | None = None):
+        self.table = table
+        self.extra = dict(extra or {})
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        row = dict(self.table[i])
+        for c, values in self.extra.items():
+            row[c] = values[i]
+        return row
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def __add__(self, other):
+        return ConcatExamples(self, other)
+
+    def __radd__(self, other):
+        return ConcatExamples(other, self)
+
+    def __repr__(self) -> str:
+        return f"ExampleTable({len(self)} examples, columns {self.table.column_names + list(self.extra)})"
+
+
+class _Column:
+    """One column of an :class:`ExampleTable`, read like a list (``len``, ``c[i]``)."""
+
+    def __init__(self, examples: ExampleTable, name: str):
+        self.examples, self.name = examples, name
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.examples.table[int(i)][self.name]
+
+
+def column(examples, name: str):
+    """``[e[name] for e in examples]``: a list for a list of examples, a lazy view of an :class:`ExampleTable`."""
+    if isinstance(examples, ExampleTable) and name in examples.table.column_names:
+        return _Column(examples, name)
+    return [e[name] for e in examples]
+
+
+class ConcatExamples:
+    """Two example collections read as one (``a + b``); :func:`set_columns` writes through to both."""
+
+    def __init__(self, a, b):
+        self.parts = (a, b)
+
+    def __len__(self) -> int:
+        return len(self.parts[0]) + len(self.parts[1])
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        a, b = self.parts
+        return a[i] if i < len(a) else b[i - len(a)]
+
+    def __iter__(self):
+        for part in self.parts:
+            yield from part
+
+
+def set_columns(examples, columns: dict[str, list]) -> None:
+    """Add per-example values (``{name: [value per example]}``) to a list of example dicts, an
+    :class:`ExampleTable` or a concatenation of them."""
+    if isinstance(examples, ConcatExamples):
+        a, b = examples.parts
+        set_columns(a, {k: v[:len(a)] for k, v in columns.items()})
+        set_columns(b, {k: v[len(a):] for k, v in columns.items()})
+    elif isinstance(examples, ExampleTable):
+        examples.extra.update({k: list(v) for k, v in columns.items()})
+    else:
+        for k, values in columns.items():
+            for ex, v in zip(examples, values):
+                ex[k] = v
+
+
+def _tokenize_each(records, encode, columns: tuple[str, ...]):
+    """``[encode(record, i) for each record]``: a list for a list of records; for a ``datasets.Dataset``
+    an :class:`ExampleTable` made by ``Dataset.map(batched=True)`` (in memory, no cache file)."""
+    if not is_table(records):
+        return [encode(r, i) for i, r in enumerate(records)]
+
+    def batch(rows: dict[str, list], indices: list[int]) -> dict[str, list]:
+        out = [encode(dict(zip(rows, values)), i) for i, values in zip(indices, zip(*rows.values()))]
+        return {c: [o[c] for o in out] for c in columns}
+
+    import datasets
+
+    progress = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # one line per error, and the trainers' own progress
+    try:
+        table = records.map(batch, batched=True, batch_size=1000, with_indices=True,
+                            remove_columns=records.column_names, keep_in_memory=True, load_from_cache_file=False)
+    finally:
+        if progress:
+            datasets.enable_progress_bars()
+    return ExampleTable(table)
+
+
+def load_records(source: str, split: str = "train", config: str | None = None) -> list[dict]:
+    """Records from a local ``.jsonl`` / ``.json`` / ``.parquet`` file, a ``save_to_disk`` folder, or a
+    Hub dataset name (``config``: its configuration, the ``name`` of ``datasets.load_dataset``).
+
+    Local files need no ``datasets`` package; saved folders and Hub names do (a clear error when it
+    is missing)."""
+    if is_saved_dataset(source):
+        records = _load_saved(source, split)
+    elif os.path.isfile(source):
         try:
             records = _read_file(source)
         except OSError as e:  # unreadable (permissions, I/O)
@@ -62,17 +232,20 @@ def load_records(source: str, split: str = "train") -> list[dict]:
     elif os.path.sep in source and not os.path.exists(source) and (source.startswith((".", "/", "~"))):
         raise DataFileNotFound(f"dataset file {source!r} does not exist")
     else:
+        from .optional import required
+
+        datasets = required("datasets", f"the dataset {source!r} (not a local file: a Hub dataset)",
+                            hint="pip install datasets")
         try:
-            import datasets
-        except ImportError as e:  # pragma: no cover - datasets is optional
-            raise DataError(f"{source!r} is not a local file and the `datasets` package is not installed") from e
-        try:
-            records = datasets.load_dataset(source, split=split).to_list()
+            records = datasets.load_dataset(source, name=config, split=split)
         except Exception as e:
-            raise DataError(f"could not load dataset {source!r} (split {split!r}): "
+            what = f"split {split!r}" + (f", configuration {config!r}" if config else "")
+            raise DataError(f"could not load dataset {source!r} ({what}): "
                             f"{' '.join(str(e).split())[:300]}") from e
-    if not records:
+    if not len(records):
         raise DataError(f"dataset {source!r} is empty")
+    if is_table(records):
+        return records
     if not all(isinstance(r, dict) for r in records):
         raise DataError(f"dataset {source!r}: every record must be a mapping of column -> value")
     return records
@@ -127,9 +300,9 @@ def _read_file(source: str) -> list:
 
 def detect_format(records: list[dict], allowed: Iterable[str] | None = None, name: str = "dataset") -> str:
     """The format of ``records`` (see module doc), checked against the formats a trainer accepts."""
-    if not records:
+    if not len(records):
         raise DataError(f"{name} is empty")
-    columns = set(records[0])
+    columns = set(records.column_names) if is_table(records) else set(records[0])
     if {"chosen", "rejected"} <= columns:
         fmt = "preference" if "prompt" in columns else "preference_implicit"
     elif "messages" in columns:
@@ -236,8 +409,8 @@ def _fit(prompt_ids: list[int], completion_ids: list[int], max_length: int, wher
 def tokenize_sft(records: list[dict], tokenizer, max_length: int, name: str = "dataset") -> list[dict]:
     """SFT examples ``{"input_ids", "labels"}`` with loss only on completion / assistant tokens."""
     fmt = detect_format(records, SFT_FORMATS, name)
-    out = []
-    for i, r in enumerate(records):
+
+    def encode(r: dict, i: int) -> dict:
         where = f"{name} record {i}"
         if fmt == "messages":
             ids, labels = encode_messages(tokenizer, r["messages"])
@@ -250,8 +423,9 @@ def tokenize_sft(records: list[dict], tokenizer, max_length: int, name: str = "d
             p, c = encode_prompt_completion(tokenizer, r["prompt"], r["completion"])
             c = _fit(p, c, max_length, where)
             ids, labels = p + c, [IGNORE_INDEX] * len(p) + c
-        out.append({"input_ids": ids, "labels": labels})
-    return out
+        return {"input_ids": ids, "labels": labels}
+
+    return _tokenize_each(records, encode, ("input_ids", "labels"))
 
 
 def _common_prefix(a, b):
@@ -278,9 +452,10 @@ def split_preference(record: dict, fmt: str) -> tuple[Any, Any, Any]:
 def tokenize_preference(records: list[dict], tokenizer, max_length: int, name: str = "dataset") -> list[dict]:
     """Preference examples ``{"chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels"}``."""
     fmt = detect_format(records, PREFERENCE_FORMATS, name)
-    out = []
     n_equal = 0
-    for i, r in enumerate(records):
+
+    def encode(r: dict, i: int) -> dict:
+        nonlocal n_equal
         where = f"{name} record {i}"
         prompt, chosen, rejected = split_preference(r, fmt)
         p, c = encode_prompt_completion(tokenizer, prompt, chosen)
@@ -289,10 +464,12 @@ def tokenize_preference(records: list[dict], tokenizer, max_length: int, name: s
             raise DataError(f"{where}: the prompt tokenizes differently before chosen and rejected")
         c, rj = _fit(p, c, max_length, where), _fit(p, rj, max_length, where)
         n_equal += c == rj
-        out.append({
+        return {
             "chosen_ids": p + c, "chosen_labels": [IGNORE_INDEX] * len(p) + c,
             "rejected_ids": p + rj, "rejected_labels": [IGNORE_INDEX] * len(p) + rj,
-        })
+        }
+
+    out = _tokenize_each(records, encode, ("chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels"))
     if n_equal == len(out):
         raise DataError(f"{name}: chosen equals rejected in every record; there is no preference to learn")
     return out
@@ -301,8 +478,8 @@ def tokenize_preference(records: list[dict], tokenizer, max_length: int, name: s
 def tokenize_prompts(records: list[dict], tokenizer, max_length: int, name: str = "dataset") -> list[dict]:
     """Prompt-only examples ``{"prompt_ids"}`` (chat prompts get the generation prompt)."""
     detect_format(records, ("prompt_only", "prompt_completion", "preference"), name)
-    out = []
-    for i, r in enumerate(records):
+
+    def encode(r: dict, i: int) -> dict:
         prompt = r["prompt"]
         if _is_chat(prompt):
             ids = _encode(tokenizer, _render(tokenizer, prompt, generation_prompt=True), special=False)
@@ -313,8 +490,9 @@ def tokenize_prompts(records: list[dict], tokenizer, max_length: int, name: str 
         if len(ids) >= max_length:
             raise DataError(f"{name} record {i}: the prompt is {len(ids)} tokens, which leaves no room "
                             f"to generate within max_length={max_length}")
-        out.append({"prompt_ids": ids})
-    return out
+        return {"prompt_ids": ids}
+
+    return _tokenize_each(records, encode, ("prompt_ids",))
 
 
 # --------------------------------------------------------------------------------------------
@@ -373,4 +551,7 @@ def split_holdout(items: list, fraction: float, seed: int) -> tuple[list, list]:
     order = torch.randperm(len(items), generator=g).tolist()
     n_eval = max(1, round(fraction * len(items)))
     held = set(order[:n_eval])
+    if is_table(items):
+        return (items.select([i for i in range(len(items)) if i not in held]),
+                items.select(sorted(held)))
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]

@@ -15,13 +15,14 @@ as TRL users expect: ``rewards/chosen`` = beta * (log pi - log ref) on chosen re
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 import rlhf_kernels as rk
 
 from .config import TrainConfig, require, require_choice
-from .data import collate_preference, tokenize_preference
+from .data import collate_preference, set_columns, tokenize_preference
 from .distributed import all_gather_cat
 from .models import load_policy, load_reference, sequence_logprobs, unwrap
 from .trainer_utils import run_command
@@ -30,7 +31,10 @@ from .training import Trainer
 
 @dataclass
 class DPOConfig(TrainConfig):
-    """DPO settings."""
+    """DPO settings.  The defaults are TRL's ``DPOConfig``'s; a model from the built-in task gets the
+    task's own (``Task.defaults["dpo"]``)."""
+
+    DEFAULTS_KEY: ClassVar[str] = "dpo"
 
     model: str = "outputs/sft"
     """The SFT model to start from."""
@@ -44,17 +48,17 @@ class DPOConfig(TrainConfig):
     """``sigmoid`` (DPO), ``ipo``, ``hinge`` or ``robust``."""
     label_smoothing: float = 0.0
     """Assumed fraction of flipped labels in [0, 0.5) (cDPO / robust DPO)."""
-    max_length: int = 32
+    max_length: int = 1024
     """Maximum tokens per sequence (prompt + response); responses are cut to fit, prompts never."""
-    per_device_batch_size: int = 32
+    per_device_batch_size: int = 8
     """Pairs per micro-batch on each process."""
-    lr: float = 2e-4
+    lr: float = 1e-6
     """Peak learning rate of AdamW."""
-    warmup_steps: int = 10
-    """Linear warmup steps from 0 to ``lr``."""
-    num_epochs: float = 1.0
+    lr_scheduler: str = "linear"
+    """Decay after warmup: ``cosine``, ``linear`` or ``constant``."""
+    num_epochs: float = 3.0
     """Passes over the training pairs (ignored when ``max_steps`` > 0)."""
-    eval_fraction: float = 0.05
+    eval_fraction: float = 0.0
     """Fraction of the pairs held out for eval/loss and eval/rewards/accuracies."""
     gold_eval_prompts: int = 256
     """Built-in task only: held-out prompts sampled (temperature 1) to report gold/mean_score."""
@@ -88,8 +92,7 @@ def add_reference_logprobs(ref, examples: list[dict], pad_id: int, cfg, info) ->
         parts.append(torch.stack([c, r], -1))
     local = torch.cat(parts) if parts else torch.zeros(0, 2, device=info.device)
     every = all_gather_cat(local, [bounds[r + 1] - bounds[r] for r in range(w)]).cpu()
-    for ex, (c, r) in zip(examples, every.tolist()):
-        ex["ref_chosen"], ex["ref_rejected"] = c, r
+    set_columns(examples, {"ref_chosen": every[:, 0].tolist(), "ref_rejected": every[:, 1].tolist()})
 
 
 def dpo_terms(model, examples, pad_id, cfg, device):

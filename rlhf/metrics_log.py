@@ -1,5 +1,6 @@
-"""Metrics: a JSONL file always (``<output_dir>/metrics.jsonl``, one record per log call), TensorBoard
-when ``tensorboard`` is installed, and a progress bar on long loops.  Only the main process writes."""
+"""Metrics: a JSONL file always (``<output_dir>/metrics.jsonl``, one record per log call), the same
+scalars to TensorBoard (``<output_dir>/tensorboard``) and/or Weights & Biases with ``--report-to``, and a
+progress bar on long loops.  Only the main process writes or reports."""
 
 from __future__ import annotations
 
@@ -20,17 +21,25 @@ def _plain(v: Any) -> Any:
 
 
 class MetricsLogger:
-    """``log(step, metrics)`` appends ``{"step": step, **metrics}`` to metrics.jsonl.
+    """``log(step, metrics)`` appends ``{"step": step, **metrics}`` to metrics.jsonl and sends the
+    numeric values to the ``report_to`` targets (``tensorboard``, ``wandb``; see
+    :func:`rlhf.config.report_targets`).
 
     With ``resume_step`` set, records after that step (from the run that was interrupted) are dropped
-    first, so the file reads as one uninterrupted run.
+    first, so the file reads as one uninterrupted run.  ``config`` (a dict of the run's settings) goes
+    to wandb as the run's config.  A target whose package is missing is an error
+    (:func:`rlhf.optional.required`), raised before any training.
     """
 
     def __init__(self, output_dir: str, enabled: bool = True, resume_step: int | None = None,
-                 tensorboard: bool = True):
+                 report_to: str | list[str] = "none", config: dict[str, Any] | None = None):
+        from .config import report_targets
+
         self.enabled = enabled
         self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.targets = report_targets(report_to) if isinstance(report_to, str) else list(report_to)
         self.tb = None
+        self.wandb_run = None
         if not enabled:
             return
         os.makedirs(output_dir, exist_ok=True)
@@ -40,28 +49,44 @@ class MetricsLogger:
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
             with open(self.path, "w") as fh:
                 fh.writelines(json.dumps(r) + "\n" for r in kept)
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        from .optional import required
 
-                self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
-            except ImportError:  # tensorboard not installed: JSONL only
-                self.tb = None
+        if "tensorboard" in self.targets:
+            required("tensorboard", "--report-to tensorboard")
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=
+                                    resume_step + 1 if resume_step is not None else None)
+        if "wandb" in self.targets:
+            wandb = required("wandb", "--report-to wandb")
+            self.wandb_run = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "rlhf"),
+                dir=output_dir,
+                mode=os.environ.get("WANDB_MODE") or None,
+                config=config or {},
+            )
 
     def log(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         if self.enabled:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
+            scalars = {k: v for k, v in record.items()
+                       if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
             if self.tb is not None:
-                for k, v in record.items():
-                    if k != "step" and isinstance(v, (int, float)):
-                        self.tb.add_scalar(k, v, step)
+                for k, v in scalars.items():
+                    self.tb.add_scalar(k, v, step)
+            if self.wandb_run is not None and scalars:
+                self.wandb_run.log(scalars, step=step)
         return record
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
 
 
 def read_metrics(path: str) -> list[dict]:

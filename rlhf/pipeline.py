@@ -69,6 +69,8 @@ class PipelineConfig:
     """``auto`` (CUDA when available), ``cpu`` or ``cuda``."""
     kernel_backend: str = "auto"
     """rlhf_kernels backend for log-probs and losses."""
+    report_to: str = "none"
+    """Every stage also reports its metrics to ``tensorboard``, ``wandb`` or both (``none``: metrics.jsonl only)."""
     max_length: int | None = None
     """Maximum prompt + response tokens (built-in task: 32)."""
     sft_config: str | None = None
@@ -96,6 +98,9 @@ class PipelineConfig:
         require(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"), "device",
                 "auto, cpu, cuda, cuda:N or mps", self.device)
         require_choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
+        from .config import report_targets
+
+        report_targets(self.report_to)
 
 
 def _short(metrics: dict, keys=None) -> dict:
@@ -181,13 +186,14 @@ def run_pipeline(args: PipelineConfig) -> dict:
         raise UserError(f"--output-dir {out!r} holds a previous pipeline run; pass --overwrite-output-dir to "
                         f"run again over it, or choose another folder")
     os.makedirs(out, exist_ok=True)
-    task = get_task(args.prompt_data)  # a built-in task: its tuned PPO settings, prompts and gold scorer
+    task = get_task(args.prompt_data)  # a built-in task: its prompts and gold scorer
     common = {
         "seed": args.seed,
         "device": args.device,
         "kernel_backend": args.kernel_backend,
         "progress_bar": False,
         "overwrite_output_dir": args.overwrite_output_dir,
+        "report_to": args.report_to,
     }
     if args.tokenizer:
         common["tokenizer"] = args.tokenizer
@@ -223,7 +229,9 @@ def run_pipeline(args: PipelineConfig) -> dict:
             {"model": paths["sft"], "dataset": args.pref_data, "output_dir": paths["reward"]},
         ),
     )
-    ppo_kw = dict(task.ppo_defaults) if task is not None else {}
+    # Each stage's defaults follow its model (rlhf.config.ModelDefaults): the SFT folder of a built-in
+    # task's model gets the task's tuned settings, any other model TRL's.
+    ppo_kw = {}
     if args.max_new_tokens:
         ppo_kw["max_new_tokens"] = args.max_new_tokens
     if args.max_length:
@@ -261,9 +269,9 @@ def run_pipeline(args: PipelineConfig) -> dict:
     if task is not None:
         eval_prompts = [r["prompt"] for r in task.prompts(args.eval_prompts, seed=10_000 + args.seed)]
     else:
-        from .data import load_records
+        from .data import load_records, take
 
-        eval_prompts = [r["prompt"] for r in load_records(args.prompt_data)[: args.eval_prompts]]
+        eval_prompts = [r["prompt"] for r in take(load_records(args.prompt_data), args.eval_prompts)]
     sft_model = load_policy(paths["sft"], tok, device, trainable=False)
     reward_model = load_reward_model(paths["reward"], tok, device, trainable=False)
     max_new = ppo_cfg.max_new_tokens
@@ -323,14 +331,16 @@ def _ppo_curve(path: str) -> list[dict]:
 
 
 def make_plots(out: str, paths: dict, runs: list[str]) -> list[str]:
-    """PNG training curves per stage and the gold/proxy-vs-KL plot; [] when matplotlib is missing."""
-    try:
-        import matplotlib
+    """PNG training curves per stage and the gold/proxy-vs-KL plot; [] (after a one-line notice) when
+    matplotlib is missing."""
+    from .optional import optional
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    matplotlib = optional("matplotlib", "plots skipped")
+    if matplotlib is None:
         return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     from .metrics_log import read_metrics
 
     plot_dir = os.path.join(out, "plots")

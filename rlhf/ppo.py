@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from .actor_critic import ActorCritic
 from .checkpoint import load_training_state, save_checkpoint, save_final
-from .config import ConfigError, RunConfig
-from .data import tokenize_prompts
+from .config import Alias, ConfigError, RunConfig
+from .data import column, take, tokenize_prompts
 from .distributed import set_step
 from .evaluate import evaluate_policy
 from .generation import generate_responses, left_pad
@@ -164,7 +165,17 @@ class PPOHyperParams:
 
 @dataclass
 class PPOConfig(PPOHyperParams, RunConfig):
-    """PPO settings.  ``model`` is the SFT model (the policy's start and the frozen reference)."""
+    """PPO settings.  ``model`` is the SFT model (the policy's start and the frozen reference).  The
+    defaults suit real models (TRL's PPO settings); a model from the built-in task gets the task's own
+    (``Task.defaults["ppo"]``)."""
+
+    DEFAULTS_KEY: ClassVar[str] = "ppo"
+    ALIASES: ClassVar[dict] = {  # TRL's PPOConfig names
+        "num_ppo_epochs": Alias("ppo_epochs"),
+        "cliprange": Alias("clip_low"),
+        "cliprange_value": Alias("value_clip"),
+        "response_length": Alias("max_new_tokens"),
+    }
 
     output_dir: str = "outputs/ppo"
     """Where checkpoints, the final policy and metrics.jsonl are written."""
@@ -209,14 +220,11 @@ def train_ppo(cfg: PPOConfig) -> dict:
     if cfg.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
     records, eval_records = load_records_for(cfg, "prompts")
-    prompts = [
-        e["prompt_ids"]
-        for e in tokenize_prompts(records, tok, cfg.max_length, name=f"dataset {cfg.dataset!r}")
-    ]
+    prompts = column(tokenize_prompts(records, tok, cfg.max_length, name=f"dataset {cfg.dataset!r}"), "prompt_ids")
     task = get_task(cfg.dataset)
     if not eval_records:  # a built-in task: fresh prompts; otherwise the first training prompts
         eval_records = task.prompts(cfg.eval_prompts, seed=cfg.seed + 777) if task is not None else records
-    eval_texts = [r["prompt"] for r in eval_records[: cfg.eval_prompts]]
+    eval_texts = [r["prompt"] for r in take(eval_records, cfg.eval_prompts)]
     steps = (
         cfg.max_steps
         if cfg.max_steps > 0

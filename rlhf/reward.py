@@ -13,12 +13,13 @@ the accuracy against the true ordering rather than the noisy labels.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from .config import TrainConfig, require
-from .data import DataError, collate_preference, tokenize_preference
+from .data import DataError, collate_preference, is_table, set_columns, tokenize_preference
 from .models import ScalarHead, load_reward_model, sequence_rewards, unwrap
 from .trainer_utils import run_command
 from .training import Trainer
@@ -26,23 +27,26 @@ from .training import Trainer
 
 @dataclass
 class RewardConfig(TrainConfig):
-    """Reward-model settings."""
+    """Reward-model settings.  The defaults are TRL's ``RewardConfig``'s; a model from the built-in task
+    gets the task's own (``Task.defaults["reward"]``)."""
+
+    DEFAULTS_KEY: ClassVar[str] = "reward"
 
     model: str = "outputs/sft"
     """The SFT model to initialise from (its body is loaded; the scalar head is new)."""
     output_dir: str = "outputs/rm"
     """Where checkpoints, the final reward model and metrics.jsonl are written."""
-    max_length: int = 32
+    max_length: int = 1024
     """Maximum tokens per sequence (prompt + response); responses are cut to fit, prompts never."""
-    per_device_batch_size: int = 32
+    per_device_batch_size: int = 8
     """Pairs per micro-batch on each process."""
-    lr: float = 1e-3
+    lr: float = 1e-4
     """Peak learning rate of AdamW."""
-    warmup_steps: int = 10
-    """Linear warmup steps from 0 to ``lr``."""
+    lr_scheduler: str = "linear"
+    """Decay after warmup: ``cosine``, ``linear`` or ``constant``."""
     num_epochs: float = 3.0
     """Passes over the training pairs (ignored when ``max_steps`` > 0)."""
-    eval_fraction: float = 0.1
+    eval_fraction: float = 0.0
     """Fraction of the pairs held out to measure pairwise accuracy."""
     margin_column: str = "margin"
     """Column with a per-pair margin subtracted inside the sigmoid, when the data has it."""
@@ -53,7 +57,18 @@ class RewardConfig(TrainConfig):
 
 
 def attach_columns(tokenized: list[dict], records: list[dict], columns: tuple[str, ...]) -> list[dict]:
-    """Copy numeric ``columns`` (margin, gold scores) from the records onto the tokenized examples."""
+    """Copy numeric ``columns`` (margin, gold scores) from the records onto the tokenized examples
+    (a list of dicts, or an :class:`~rlhf.data.ExampleTable` with records in a ``datasets.Dataset``)."""
+    if is_table(records):
+        for c in columns:
+            if c not in records.column_names:
+                continue
+            values = records[c]
+            for i, v in enumerate(values):
+                if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise DataError(f"record {i}: column {c!r} must be a number, got {v!r:.40}")
+            set_columns(tokenized, {c: [float(v) for v in values]})
+        return tokenized
     for ex, rec in zip(tokenized, records):
         for c in columns:
             if c in rec and rec[c] is not None:

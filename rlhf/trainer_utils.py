@@ -139,11 +139,11 @@ def load_records_for(cfg, kind: str) -> tuple[list[dict], list[dict]]:
     if task is not None:
         records = task.records(kind, seed=0)
     else:
-        records = load_records(cfg.dataset, cfg.dataset_split)
+        records = load_records(cfg.dataset, cfg.dataset_split, cfg.dataset_config)
     allowed = {"sft": SFT_FORMATS, "preference": PREFERENCE_FORMATS, "prompts": None}[kind]
     detect_format(records, allowed, f"dataset {cfg.dataset!r}")  # checks every record before any split
     if cfg.eval_dataset:
-        return records, load_records(cfg.eval_dataset, cfg.dataset_split)
+        return records, load_records(cfg.eval_dataset, cfg.dataset_split, cfg.dataset_config)
     train, held_out = split_holdout(records, cfg.eval_fraction, seed=1234)
     if not train:
         from .data import DataError
@@ -167,6 +167,11 @@ class RunContext:
         from .models import check_model_path, load_tokenizer, resolve_device
 
         self.cfg = cfg
+        from .config import report_targets
+        from .optional import required
+
+        for target in report_targets(cfg.report_to):  # before any folder is made or model loaded
+            required(target, f"--report-to {target}")
         self.info = init_distributed(resolve_device(cfg.device), timeout=cfg.ddp_timeout)
         self.device = self.info.device
         seed_everything(cfg.seed)
@@ -193,7 +198,8 @@ class RunContext:
             os.makedirs(cfg.output_dir, exist_ok=True)
             self.run_id = start_run(cfg.output_dir, resume=cfg.resume)
         self.logger = MetricsLogger(cfg.output_dir, enabled=self.info.is_main,
-                                    resume_step=self.start_step if self.checkpoint else None)
+                                    resume_step=self.start_step if self.checkpoint else None,
+                                    report_to=cfg.report_to, config=to_dict(cfg))
         if self.info.is_main:
             with open(os.path.join(cfg.output_dir, "run_config.yaml"), "w") as fh:
                 yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
@@ -214,8 +220,10 @@ def command_body(name: str, argv: list[str] | None, body: Callable[[], int]) -> 
 
     from .config import debug_requested
     from .distributed import describe_failure, teardown
+    from .optional import set_command
 
     debug = debug_requested(argv)
+    set_command(name)
     try:
         code = body()
     except UserError as e:

@@ -40,8 +40,15 @@ class Task:
     """(prompt, response) -> the true score, or None when the task has no gold scorer."""
     evaluate_gold: Callable[..., dict] | None = None
     """(model, tokenizer, n_prompts, seed=...) -> ``{"gold/mean_score", ...}`` on held-out prompts."""
-    ppo_defaults: dict[str, Any] = field(default_factory=dict)
-    """``rlhf ppo`` settings tuned for the task's tiny model (the pipeline applies them)."""
+    defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Settings tuned for the task's tiny model, by command (``sft``, ``reward``, ``dpo``, ``ppo``, ...):
+    they replace that command's defaults (which suit real models) whenever the model is this task or
+    was trained from it; an option the user sets still wins (:class:`rlhf.config.ModelDefaults`)."""
+
+    @property
+    def ppo_defaults(self) -> dict[str, Any]:
+        """The task's ``rlhf ppo`` settings (``defaults["ppo"]``)."""
+        return dict(self.defaults.get("ppo", {}))
 
     def records(self, kind: str, seed: int = 0) -> list[dict]:
         """The task's training records of ``kind`` (``sft``, ``preference`` or ``prompts``)."""

@@ -16,8 +16,9 @@ response replaces each letter by the next one in the alphabet, wrapping ``l`` to
 
 The model is a tiny Llama (:func:`tiny_llama_config`) and the tokenizer is character-level
 (:func:`build_tokenizer`); neither needs a download.  Everything is a pure function of the seed.
-The task registers itself as ``builtin`` (:data:`TASK`, see :mod:`rlhf.tasks.registry`), with the PPO
-settings tuned for the tiny model (:data:`PPO_DEFAULTS`).
+The task registers itself as ``builtin`` (:data:`TASK`, see :mod:`rlhf.tasks.registry`), with the
+settings tuned for the tiny model per command (:data:`SFT_DEFAULTS`, :data:`REWARD_DEFAULTS`,
+:data:`DPO_DEFAULTS`, :data:`PPO_DEFAULTS`); the commands' own defaults are for real models.
 """
 
 from __future__ import annotations
@@ -184,7 +185,11 @@ def build_model(vocab_size: int):
     return LlamaForCausalLM(tiny_llama_config(vocab_size))
 
 
-# PPO settings for the tiny model (found on the task; the PPO defaults suit real models).
+# Settings tuned for the tiny model, per command (the commands' own defaults are TRL's, for real models).
+_TINY = {"max_length": 32, "per_device_batch_size": 32, "lr_scheduler": "cosine"}
+SFT_DEFAULTS = {**_TINY, "lr": 3e-3, "warmup_steps": 20, "num_epochs": 2.0, "eval_fraction": 0.05}
+REWARD_DEFAULTS = {**_TINY, "lr": 1e-3, "warmup_steps": 10, "num_epochs": 3.0, "eval_fraction": 0.1}
+DPO_DEFAULTS = {**_TINY, "lr": 2e-4, "warmup_steps": 10, "num_epochs": 1.0, "eval_fraction": 0.05}
 PPO_DEFAULTS = {
     "rollout_batch_size": 64,
     "mini_batch_size": 16,
@@ -204,5 +209,5 @@ TASK = register_task(Task(
     data_sizes={"sft": 4000, "preference": 6000, "prompts": 1000},
     gold_score=gold_score,
     evaluate_gold=evaluate_gold,
-    ppo_defaults=PPO_DEFAULTS,
+    defaults={"sft": SFT_DEFAULTS, "reward": REWARD_DEFAULTS, "dpo": DPO_DEFAULTS, "ppo": PPO_DEFAULTS},
 ))

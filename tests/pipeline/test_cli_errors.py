@@ -96,7 +96,7 @@ CASES = [
      r"latin1.jsonl:2: not UTF-8 text"),
     (["sft", "--model", "{model}", "--dataset", "{numeric}", "--output-dir", "{out}"],
      r"record 0: column 'completion' must be a string or a list of .* messages, got int 5"),
-    (["sft", "--model", "{model}", "--dataset", "{one}", "--output-dir", "{out}"],
+    (["sft", "--model", "{model}", "--dataset", "{one}", "--output-dir", "{out}", "--eval-fraction", "0.05"],
      r"has 1 record\(s\) and --eval-fraction 0.05 holds out 1 for evaluation, leaving none to train on"),
     (["sft", "--model", "{model}", "--dataset", "{pref}", "--output-dir", "{out}"],
      r"needs columns messages or prompt/completion"),

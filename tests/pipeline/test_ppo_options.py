@@ -20,8 +20,13 @@ NOT_PPO = ("padding_side", "per_device_batch_size", "gradient_accumulation_steps
 
 
 def _help_options() -> set[str]:
+    """Every option `rlhf ppo --help` lists, a TRL alias (dest ``alias:<name>``) counted as the option it sets."""
+    from rlhf.config import aliases_of
+
     parser = build_parser(PPOConfig)
-    return {a.dest for a in parser._actions if a.dest not in ("help", "config")}
+    aliases = aliases_of(PPOConfig)
+    return {aliases[a.dest.removeprefix("alias:")].target if a.dest.startswith("alias:") else a.dest
+            for a in parser._actions if a.dest not in ("help", "config")}
 
 
 def test_batching_options_of_the_dataset_trainers_are_not_listed():

@@ -17,7 +17,7 @@ def other_task():
     """The built-in task with smaller data, registered as ``other``; unregistered afterwards."""
     base = tasks.get_task(tasks.DEFAULT_TASK)
     task = dataclasses.replace(base, name="other", data_sizes={"sft": 40, "preference": 30, "prompts": 20},
-                               ppo_defaults={"kl_coef": 0.5})
+                               defaults={**base.defaults, "ppo": {"kl_coef": 0.5}})
     tasks.register_task(task)
     yield task
     tasks.registry._TASKS.pop("other")

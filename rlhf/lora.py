@@ -201,10 +201,13 @@ def materialize(path: str) -> str:
     return folder
 
 
-def _copy_tokenizer(src: str, dst: str) -> None:
-    from .models import TOKENIZER_FILES
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "spiece.model", "sentencepiece.bpe.model", "merges.txt", "special_tokens_map.json",
+                    "chat_template.jinja", "added_tokens.json")
 
-    for name in (*TOKENIZER_FILES, "special_tokens_map.json", "chat_template.jinja", "added_tokens.json"):
+
+def _copy_tokenizer(src: str, dst: str) -> None:
+    for name in _TOKENIZER_FILES:
         if os.path.isfile(os.path.join(src, name)):
             shutil.copy(os.path.join(src, name), os.path.join(dst, name))
 

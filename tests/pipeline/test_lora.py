@@ -216,3 +216,27 @@ def test_lora_under_torchrun_two_processes_matches_one(tmp_path, tiny_models):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_lora_option_errors_are_one_line(tmp_path, tiny_models, capsys, monkeypatch):
+    from rlhf.cli import main
+
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_records("prompt_completion"))
+    out = str(tmp_path / "out")
+    cases = [
+        (["--use-peft"], r"--use-peft needs a pretrained model"),  # the built-in task's random model
+        (["--model", tiny_models["llama"], "--merge-adapters"], r"--merge-adapters must be used with --use-peft"),
+        (["--model", tiny_models["llama"], "--use-peft", "--lora-r", "0"], r"--lora-r must be >= 1"),
+        (["--model", tiny_models["llama"], "--use-peft", "--lora-target-modules", "nope_proj"],
+         r"--lora-target-modules: .*nope_proj"),
+    ]
+    for extra, pattern in cases:
+        code = main(["sft", "--dataset", data, "--output-dir", out, "--max-steps", "1", "--no-progress-bar", *extra])
+        err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading progress lines
+        assert code == 2 and err.startswith("rlhf sft: error: "), (extra, err)
+        assert __import__("re").search(pattern, err), (extra, err)
+    monkeypatch.setitem(sys.modules, "peft", None)  # peft not installed
+    code = main(["sft", "--model", tiny_models["llama"], "--dataset", data, "--output-dir", out, "--max-steps", "1",
+                 "--no-progress-bar", "--use-peft"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and err.startswith("rlhf sft: error: ") and "pip install" in err and "peft" in err, err

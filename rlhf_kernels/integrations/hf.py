@@ -22,6 +22,12 @@ Conventions (Hugging Face's): ``labels`` are aligned with ``input_ids`` (``label
 predicted at position t; the last column and ignored positions are 0.  The logits the fused path
 stands for are the model's own: ``logit_scale`` and ``final_logit_softcapping`` are read from the
 model config (see :func:`head_transform`), then divided by ``temperature``.
+
+Precision: under ``torch.autocast`` the head's matmul runs in the autocast dtype, as the unfused head
+would (the hidden state and an fp32 master weight are cast to it; gradients flow back to the weight in
+its own dtype); the kernel accumulates in fp32 and runs with autocast off.  A PEFT LoRA adapter on the
+head itself is supported: the effective weight ``W + scaling * B @ A`` of the active adapters goes to
+the kernel (refused with a non-zero ``lora_dropout`` while training, which cannot be folded in).
 """
 
 from __future__ import annotations

@@ -41,6 +41,10 @@ def option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+COMMA_LISTS = frozenset({"lora_target_modules", "lora_modules_to_save"})
+"""``str`` fields holding comma-separated names, which also take a list of strings (from YAML)."""
+
+
 def check_types(config) -> None:
     """Check (and normalise) every field of dataclass instance ``config`` against its annotation:
     ``int`` fields take integers only (a YAML ``2.7`` or ``true`` is an error, as on the command
@@ -52,6 +56,9 @@ def check_types(config) -> None:
         value = getattr(config, f.name)
         optional = type(None) in typing.get_args(tp)
         base = _base_type(tp)
+        if f.name in COMMA_LISTS and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            value = ",".join(value)  # YAML may give a list of names, as TRL's configs take
+            object.__setattr__(config, f.name, value)
         if value is None:
             if not optional:
                 raise ConfigError(f"{option(f.name)} must be a {base.__name__}, got None")
@@ -184,10 +191,6 @@ class RunConfig:
     ``from_pretrained`` folder) instead of the adapter folder."""
 
     def __post_init__(self):
-        for name in ("lora_target_modules", "lora_modules_to_save"):  # YAML may give a list, as TRL's
-            value = getattr(self, name, None)
-            if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-                object.__setattr__(self, name, ",".join(value))
         check_types(self)
         require(self.output_dir.strip() != "", "output_dir", "a folder path", self.output_dir)
         for name in ("model", "dataset"):

@@ -82,7 +82,7 @@ def resolve_precision(dtype: str = "auto", weights_dtype: str = "float32",
 
 
 def precision_of(cfg, device: torch.device) -> Precision:
-    return resolve_precision(cfg.dtype, getattr(cfg, "weights_dtype", "float32"), device)
+    return resolve_precision(cfg.dtype, cfg.weights_dtype, device)
 
 
 def optimizer_step(optimizer, scaler: torch.amp.GradScaler, clip) -> torch.Tensor:

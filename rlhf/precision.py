@@ -8,7 +8,8 @@ Two options decide it (:class:`rlhf.config.RunConfig`):
   AdamW's state stay fp32.  An update of lr 2e-5 changes an fp32 weight; added to a bf16 weight (8
   significant bits) most such updates round away, which is why the weights are not stored in the
   compute dtype by default.  fp16 compute scales the loss (``torch.amp.GradScaler``) so small
-  gradients do not underflow; steps with inf/NaN gradients are skipped and the scale lowered.
+  gradients do not underflow; steps with inf/NaN gradients are skipped and the scale lowered (the
+  scale is not checkpointed: a resumed fp16 run starts again from the default scale).
 - ``weights_dtype``: the dtype the trained weights are *stored* in.  ``float32`` (default) as above;
   ``bfloat16`` stores them in bf16 (half the memory of weights, gradients and AdamW state, the
   pre-autocast behaviour) and computes in bf16 without autocast: updates smaller than a bf16 weight's

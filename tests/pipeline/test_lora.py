@@ -121,6 +121,12 @@ def test_reward_model_trains_its_score_head_and_saves_it_with_the_adapters(tmp_p
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids, attention_mask=mask).logits,
                                    adapted(input_ids=ids, attention_mask=mask).logits, rtol=1e-4, atol=1e-5)
+    # resumed from a checkpoint after step 3 (adapters and the score head restored): the same curve
+    split = str(tmp_path / "split")
+    cfg = dict(model=base, dataset=data, output_dir=split, lr=1e-2, **COMMON)
+    train_reward(RewardConfig(max_steps=3, save_steps=1, **cfg))
+    train_reward(RewardConfig(max_steps=6, resume=True, **cfg))
+    assert losses(split)[-3:] == pytest.approx(curve[-3:], rel=1e-4, abs=1e-6)
     # PPO's frozen reward model can be the adapter folder itself
     rm = load_reward_model(a, tok, "cpu", trainable=False)
     with torch.no_grad():

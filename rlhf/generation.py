@@ -52,7 +52,9 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 def _cache_keyword(model) -> str:
     # transformers 5 names the KV cache `cache` in some models; 4.x and Llama name it `past_key_values`.
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    # A peft wrapper forwards the keyword to the Hugging Face model inside: ask that one.
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
 @torch.no_grad()

@@ -3,8 +3,12 @@
 - policy: ``AutoModelForCausalLM``; reference: the same, frozen in eval mode.
 - reward / value model: ``AutoModelForSequenceClassification`` with ``num_labels=1`` (a scalar head on
   the last hidden state), initialised from the SFT model (the head is new).
-- dtype: bf16 on GPU, fp32 on CPU (``dtype="auto"``).
+- dtype: the loaders take the dtype the weights are *stored* in, fp32 unless asked otherwise; the
+  compute dtype (bf16 autocast on GPU) is :mod:`rlhf.precision`'s business.
 - a task name (``builtin``, see :mod:`rlhf.tasks`): the task's own model (random init) and tokenizer.
+- a peft adapter folder written by an earlier LoRA stage: its base with the adapters merged
+  (:func:`rlhf.lora.materialize`); :func:`trainable_policy` / :func:`trainable_reward_model` add
+  fresh LoRA adapters with ``--use-peft``.
 """
 
 from __future__ import annotations
@@ -44,14 +48,18 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype, device: torch.device | None = None) -> torch.dtype:
+    """The torch dtype the loaders store weights in for ``dtype`` (a torch dtype, or a name;
+    ``auto``: fp32, the master weights of mixed precision, see :mod:`rlhf.precision`)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    from .precision import DTYPE_NAMES
+
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in table:
-        raise ValueError(f"dtype must be one of auto, {', '.join(table)}; got {dtype!r}")
-    return table[dtype]
+        return torch.float32
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPE_NAMES)}; got {dtype!r}")
+    return DTYPE_NAMES[dtype]
 
 
 def check_model_path(path: str, what: str = "model") -> None:
@@ -66,8 +74,10 @@ def check_model_path(path: str, what: str = "model") -> None:
 
 def _from_pretrained(loader, path: str, what: str, **kw):
     check_model_path(path, what)
+    from .lora import materialize
+
     try:
-        return loader.from_pretrained(os.path.expanduser(path), **kw)
+        return loader.from_pretrained(os.path.expanduser(materialize(path)), **kw)
     except Exception as e:
         first = " ".join(str(e).split())[:300]
         if os.path.exists(os.path.expanduser(path)):
@@ -164,6 +174,55 @@ def load_reward_model(path: str, tokenizer=None, device="cpu", dtype: str = "aut
     if tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return _finish(model, device, gradient_checkpointing, trainable)
+
+
+def _with_lora(model, cfg, task: str, base_path: str, adapter_path: str | None, gradient_checkpointing: bool):
+    from .lora import apply_lora, load_adapter
+
+    if get_task(base_path) is not None:
+        raise UserError(f"--use-peft needs a pretrained model (a folder or Hub name): the built-in task's "
+                        f"{base_path!r} model is randomly initialised, so there is no base to adapt; run "
+                        f"`rlhf sft` without --use-peft first, or pass --model <pretrained folder>")
+    if adapter_path is not None:
+        model = load_adapter(model, adapter_path, trainable=True, base_path=base_path)
+    else:
+        model = apply_lora(model, cfg, task, base_path=base_path)
+    if gradient_checkpointing:  # the frozen embeddings' output must require grad for checkpointed blocks
+        model.enable_input_require_grads()
+    model.train()
+    return model
+
+
+def trainable_policy(cfg, run, tokenizer, device, weights_dtype="auto", seed: int = 0):
+    """The policy a trainer trains: from ``cfg.model``, or the checkpoint being resumed
+    (``run.checkpoint``); with ``cfg.use_peft`` the base ``cfg.model`` with LoRA adapters (fresh, or
+    the checkpoint's), only the adapters trainable."""
+    checkpoint = getattr(run, "checkpoint", None)
+    if not getattr(cfg, "use_peft", False):
+        return load_policy(checkpoint or cfg.model, tokenizer, device, weights_dtype, cfg.gradient_checkpointing,
+                           seed=seed)
+    base = load_policy(cfg.model, tokenizer, device, weights_dtype, cfg.gradient_checkpointing, seed=seed)
+    return _with_lora(base, cfg, "causal", cfg.model, checkpoint, cfg.gradient_checkpointing)
+
+
+def trainable_reward_model(cfg, path: str, tokenizer, device, weights_dtype="auto", adapter_path: str | None = None,
+                           resume_path: str | None = None):
+    """A scalar-head model to train (the reward model, PPO's value model) from ``path``; with
+    ``cfg.use_peft`` LoRA adapters on it and the ``score`` head trained fully (``adapter_path``:
+    a saved adapter folder to continue).  Without LoRA, ``resume_path`` (a full saved model) is loaded
+    instead of ``path`` when given."""
+    if not getattr(cfg, "use_peft", False):
+        return load_reward_model(resume_path or path, tokenizer, device, weights_dtype, cfg.gradient_checkpointing)
+    base = load_reward_model(path, tokenizer, device, weights_dtype, cfg.gradient_checkpointing)
+    return _with_lora(base, cfg, "reward", path, adapter_path, cfg.gradient_checkpointing)
+
+
+def reference_of(policy):
+    """The frozen reference of a LoRA policy: the policy with its adapters disabled
+    (:class:`rlhf.lora.ReferenceView`), no second copy of the weights."""
+    from .lora import ReferenceView
+
+    return ReferenceView(policy)
 
 
 def unwrap(model):
@@ -280,10 +339,13 @@ class ScalarHead(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask, position_ids):
-        body = getattr(self.model, self.model.base_model_prefix)
+        # A PeftModel's LoRA layers sit inside the Hugging Face model it wraps; its score head is the
+        # trainable copy peft keeps for ``modules_to_save``.
+        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        body = getattr(inner, inner.base_model_prefix)
         hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       use_cache=False).last_hidden_state
-        return self.model.score(hidden).squeeze(-1).float()
+        return inner.score(hidden).squeeze(-1).float()
 
 
 def token_scores(model, batch: dict) -> torch.Tensor:

@@ -9,6 +9,11 @@ run: load the models, step over rollout batches, evaluate, checkpoint.
 The value model is a separate scalar-head ``AutoModelForSequenceClassification`` initialised from the
 reward model (``value_model="reward"``), or a linear value head on the policy's last hidden state
 (``value_model="policy_head"``).
+
+With ``--use-peft`` the policy trains LoRA adapters and its reference is the same model with the
+adapters disabled (no second copy); the value model (``reward``) gets its own LoRA adapters with its
+score head trained fully, as the reward model does; a ``policy_head`` value head is trained fully
+(it is one small linear layer).  The reward model stays frozen and whole.
 """
 
 from __future__ import annotations
@@ -28,7 +33,15 @@ from .evaluate import evaluate_policy
 from .generation import generate_responses, left_pad
 from .kl_control import AdaptiveKLController, FixedKLController
 from .metrics_log import Progress
-from .models import load_policy, load_reference, load_reward_model, policy_logprobs
+from .models import (
+    load_reference,
+    load_reward_model,
+    policy_logprobs,
+    reference_of,
+    trainable_policy,
+    trainable_reward_model,
+)
+from .precision import precision_of
 from .ppo_trainer import PPOTrainer
 from .tasks import DEFAULT_TASK, get_task
 from .trainer_utils import (
@@ -202,11 +215,13 @@ class PPOConfig(PPOHyperParams, RunConfig):
         require(self.eval_prompts >= 0, "eval_prompts", ">= 0", self.eval_prompts)
 
 
-def _load_critic_from(path, reward_model_path, tok, cfg, device):
-    """The value model: from a checkpoint's ``value_model/`` when resuming, else the reward model."""
-    return load_reward_model(
-        path if os.path.isdir(path) else reward_model_path, tok, device, cfg.dtype, cfg.gradient_checkpointing
-    )
+def _load_critic_from(path, reward_model_path, tok, cfg, device, weights_dtype="auto"):
+    """The value model: from a checkpoint's ``value_model/`` when resuming, else the reward model.
+    With ``--use-peft`` the critic is the reward model with its own LoRA adapters and a fully trained
+    score head (the checkpoint's ``value_model/`` then holds that adapter folder)."""
+    saved = path if os.path.isdir(path) else None
+    return trainable_reward_model(cfg, reward_model_path, tok, device, weights_dtype, adapter_path=saved,
+                                  resume_path=saved)
 
 
 def train_ppo(cfg: PPOConfig) -> dict:
@@ -235,13 +250,16 @@ def train_ppo(cfg: PPOConfig) -> dict:
             f"{len(prompts)} prompts are fewer than one rollout batch of {cfg.rollout_batch_size}"
         )
 
-    policy = load_policy(run.model_path, tok, device, cfg.dtype, cfg.gradient_checkpointing, seed=cfg.seed)
-    reference = load_reference(cfg.model, tok, device, cfg.dtype, seed=cfg.seed)
-    reward_model = load_reward_model(cfg.reward_model, tok, device, cfg.dtype, trainable=False)
+    precision = precision_of(cfg, device)
+    policy = trainable_policy(cfg, run, tok, device, precision.weights, seed=cfg.seed)
+    # With LoRA the reference is the policy's base (adapters disabled): no second copy.
+    reference = reference_of(policy) if cfg.use_peft else load_reference(cfg.model, tok, device, precision.weights,
+                                                                          seed=cfg.seed)
+    reward_model = load_reward_model(cfg.reward_model, tok, device, precision.weights, trainable=False)
     value_model = None
     if cfg.value_model == "reward":
         value_model = _load_critic_from(
-            os.path.join(run.model_path, "value_model"), cfg.reward_model, tok, cfg, device
+            os.path.join(run.model_path, "value_model"), cfg.reward_model, tok, cfg, device, precision.weights
         )
 
     gold = task.gold_score if task is not None else None
@@ -265,6 +283,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
         total_steps=steps,
         info=info,
         gold_fn=gold_ids,
+        precision=precision,
     )
     start, extra = 0, {}
     if run.checkpoint:
@@ -277,7 +296,12 @@ def train_ppo(cfg: PPOConfig) -> dict:
     def evaluate() -> dict:
         if not eval_texts:
             return {}
-        res = evaluate_policy(
+        with precision.autocast():
+            res = _evaluate()
+        return {f"eval/{k}": v for k, v in res.items()}
+
+    def _evaluate() -> dict:
+        return evaluate_policy(
             trainer.policy,
             reference,
             reward_model,
@@ -288,7 +312,6 @@ def train_ppo(cfg: PPOConfig) -> dict:
             seed=cfg.seed,
             backend=cfg.kernel_backend,
         )
-        return {f"eval/{k}": v for k, v in res.items()}
 
     if start == 0 and cfg.eval_steps > 0:  # the starting point (KL 0) of the gold/proxy-vs-KL curve
         run.logger.log(0, evaluate())
@@ -321,7 +344,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
             )
     progress.close()
     last = {**last, **run.logger.log(steps, evaluate())}
-    save_final(cfg.output_dir, trainer.policy, tok, info)
+    save_final(cfg.output_dir, trainer.policy, tok, info, merge_adapters=cfg.merge_adapters)
     run.close()
     return last
 

@@ -34,6 +34,7 @@ from .actor_critic import ActorCritic
 from .distributed import DistInfo, all_reduce_sum, masked_whiten_global, wrap_ddp
 from .kl_control import make_kl_controller
 from .models import ScalarHead, policy_logprobs
+from .precision import Precision, optimizer_step
 from .rollout import Rollout, sample_rollout
 from .trainer_utils import build_optimizer, build_scheduler, clip_grad_norm
 
@@ -91,6 +92,9 @@ class PPOTrainer:
             programmatic gold score logged beside the proxy reward as ``objective/gold``.
         reward_fn: optional ``reward_fn(prompt_ids, response_ids) -> list[float]``, a rule-based reward
             used instead of the reward model.
+        precision: :class:`rlhf.precision.Precision`: the autocast every forward pass (generation
+            included) runs under, and fp16's loss scaling; default fp32.
+        ref_policy may be :func:`rlhf.models.reference_of` a LoRA policy (its adapters disabled).
     """
 
     def __init__(
@@ -107,8 +111,11 @@ class PPOTrainer:
         info: DistInfo | None = None,
         gold_fn=None,
         reward_fn=None,
+        precision: Precision | None = None,
     ):
         self.hp, self.eos_id, self.pad_id = hp, eos_id, pad_id
+        self.precision = precision or Precision()
+        self.scaler = self.precision.grad_scaler()
         self.info = info or DistInfo()
         self.gold_fn, self.reward_fn = gold_fn, reward_fn
         world = self.info.world_size
@@ -165,11 +172,13 @@ class PPOTrainer:
         """One PPO step on this process's share of the prompts (lists of token ids)."""
         timing = {}
         t0 = time.perf_counter()
-        rollout = self.rollout(prompts)
+        with self.precision.autocast():
+            rollout = self.rollout(prompts)
         timing["timing/generation"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        scored = self.score(prompts, rollout)
+        with self.precision.autocast():
+            scored = self.score(prompts, rollout)
         timing["timing/scoring"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -241,9 +250,10 @@ class PPOTrainer:
             for start in range(0, B, mb):
                 idx = order[start:start + mb]
                 m = r.response_mask[idx]
-                logprobs, new_entropy, new_values = self.model(r.input_ids[idx], r.attention_mask[idx],
-                                                               r.position_ids[idx], labels[idx], hp.temperature,
-                                                               backend)
+                with self.precision.autocast():
+                    logprobs, new_entropy, new_values = self.model(r.input_ids[idx], r.attention_mask[idx],
+                                                                   r.position_ids[idx], labels[idx],
+                                                                   hp.temperature, backend)
                 pg_loss, pg_stats = rk.ppo_policy_loss(
                     logprobs, scored.old_logprobs[idx], adv.advantages[idx], m, clip_low=hp.clip_low,
                     clip_high=hp.clip_high, dual_clip=hp.dual_clip, agg=hp.loss_agg, backend=backend)
@@ -257,9 +267,8 @@ class PPOTrainer:
                     loss = loss + adv.kl_coef * kl_loss
                     stats["kl"].append(kl_loss.item())
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                clip_grad_norm(self.actor_critic, hp.max_grad_norm)
-                self.optimizer.step()
+                self.scaler.scale(loss).backward()
+                optimizer_step(self.optimizer, self.scaler, lambda: clip_grad_norm(self.actor_critic, hp.max_grad_norm))
                 self.scheduler.step()
                 stats["approxkl"].append(pg_stats["approx_kl"].item())
                 stats["clipfrac"].append(pg_stats["clipfrac"].item())

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .config import TrainConfig, require
 from .data import DataError, collate_preference, is_table, set_columns, tokenize_preference
-from .models import ScalarHead, load_reward_model, sequence_rewards, unwrap
+from .models import ScalarHead, sequence_rewards, trainable_reward_model, unwrap
 from .trainer_utils import run_command
 from .training import Trainer
 
@@ -99,8 +99,9 @@ class RewardTrainer(Trainer):
 
     def load_model(self):
         cfg = self.cfg
-        hf_model = load_reward_model(self.run.model_path, self.tokenizer, self.device, cfg.dtype,
-                                     cfg.gradient_checkpointing)
+        ckpt = self.run.checkpoint
+        hf_model = trainable_reward_model(cfg, cfg.model, self.tokenizer, self.device, self.precision.weights,
+                                          adapter_path=ckpt, resume_path=ckpt)
         return ScalarHead(hf_model)
 
     def loss(self, examples):

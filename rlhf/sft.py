@@ -19,7 +19,7 @@ import torch
 
 from .config import TrainConfig, require
 from .data import IGNORE_INDEX, collate_sft, tokenize_sft
-from .models import load_policy, token_logprobs, unwrap
+from .models import token_logprobs, trainable_policy, unwrap
 from .trainer_utils import run_command
 from .training import Trainer
 
@@ -73,8 +73,7 @@ class SFTTrainer(Trainer):
 
     def load_model(self):
         cfg = self.cfg
-        return load_policy(self.run.model_path, self.tokenizer, self.device, cfg.dtype, cfg.gradient_checkpointing,
-                           seed=cfg.seed)
+        return trainable_policy(cfg, self.run, self.tokenizer, self.device, self.precision.weights, seed=cfg.seed)
 
     def loss(self, examples):
         nll_sum, _ = _completion_nll(self.model, examples, self.tokenizer.pad_token_id, self.cfg, self.device)

@@ -8,7 +8,9 @@ and its evaluation (:meth:`Trainer.evaluate`).  :meth:`Trainer.train` runs the r
 1. the run (:class:`~rlhf.trainer_utils.RunContext`: processes, device, seed, output folder, resume
    point, tokenizer, logger);
 2. the records and their split (:func:`~rlhf.trainer_utils.load_records_for`), tokenized;
-3. :meth:`Trainer.prepare` (DPO: the reference log-probs), then the model, wrapped in DDP;
+3. :meth:`Trainer.prepare` (DPO: the reference log-probs), then the model (:meth:`Trainer.after_load`:
+   DPO with LoRA takes the reference log-probs here, adapters disabled), wrapped in DDP;
+   every forward pass runs under the compute dtype's autocast over fp32 weights (:mod:`rlhf.precision`);
 4. AdamW and the learning-rate schedule, restored from the checkpoint when resuming;
 5. the step loop (:func:`train_loop`): gradient accumulation over micro-batches, clipping, logging,
    periodic evaluation and checkpoints; then the final evaluation and the final save.
@@ -28,6 +30,7 @@ from .checkpoint import save_checkpoint, save_final
 from .distributed import DistInfo, all_reduce_sum, set_step, wrap_ddp
 from .metrics_log import MetricsLogger, Progress
 from .models import unwrap
+from .precision import Precision, optimizer_step, precision_of
 from .trainer_utils import (
     RunContext,
     build_optimizer,
@@ -64,6 +67,7 @@ def train_loop(
     start_step: int = 0,
     eval_fn: Callable[[], dict] | None = None,
     desc: str = "train",
+    precision: Precision | None = None,
 ) -> dict:
     """Run optimizer steps ``start_step`` .. ``total`` and return the last logged metrics.
 
@@ -71,7 +75,17 @@ def train_loop(
     micro-batch's ``loss_sum / normalizer(global batch) * world_size`` is back-propagated (DDP
     averages over ranks, which undoes the ``* world_size``); gradients are clipped; AdamW steps.
     Logged metrics are ``stat_sums`` reduced over ranks and divided by the normalizer.
+    Forward passes (and ``eval_fn``) run under ``precision``'s autocast; with fp16 compute the loss
+    is scaled and a step with inf/NaN gradients skipped (:mod:`rlhf.precision`).
     """
+    precision = precision or Precision()
+    scaler = precision.grad_scaler()
+    if eval_fn is not None:
+        inner_eval = eval_fn
+
+        def eval_fn():
+            with precision.autocast():
+                return inner_eval()
     gbs = global_batch_size(cfg, info)
     steps = total_steps(cfg, len(examples), gbs)
     progress = Progress(steps, initial=start_step, desc=desc, enabled=info.is_main and cfg.progress_bar)
@@ -86,12 +100,12 @@ def train_loop(
         for j, mb in enumerate(micro):
             sync = j == len(micro) - 1 or not hasattr(model, "no_sync")
             with nullcontext() if sync else model.no_sync():
-                loss_sum, stats = loss_fn(mb)
-                (loss_sum / max(norm, 1e-12) * info.world_size).backward()
+                with precision.autocast():
+                    loss_sum, stats = loss_fn(mb)
+                scaler.scale(loss_sum / max(norm, 1e-12) * info.world_size).backward()
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v.detach().double().cpu()
-        grad_norm = clip_grad_norm(model, cfg.max_grad_norm)
-        optimizer.step()
+        grad_norm = optimizer_step(optimizer, scaler, lambda: clip_grad_norm(model, cfg.max_grad_norm))
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
@@ -118,7 +132,7 @@ def train_loop(
     if steps > start_step and cfg.save_steps > 0:
         save_checkpoint(cfg.output_dir, steps, model, tokenizer, optimizer, scheduler, info,
                         total_limit=cfg.save_total_limit)
-    save_final(cfg.output_dir, model, tokenizer, info)
+    save_final(cfg.output_dir, model, tokenizer, info, merge_adapters=cfg.merge_adapters)
     return last
 
 
@@ -150,8 +164,13 @@ class Trainer:
         """Work on the tokenized data before the model is loaded (default: none)."""
 
     def load_model(self) -> torch.nn.Module:
-        """The model to train, on ``self.device``, not yet wrapped in DDP."""
+        """The model to train, on ``self.device``, not yet wrapped in DDP, its weights stored in
+        ``self.precision.weights`` (see :func:`rlhf.models.trainable_policy`)."""
         raise NotImplementedError
+
+    def after_load(self, model) -> None:
+        """Work with the loaded model before it is wrapped and trained (default: none; DPO with LoRA:
+        the reference log-probs, adapters disabled)."""
 
     def loss(self, examples: list[dict]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(loss summed over the micro-batch ``examples``, with gradient; detached metric sums)."""
@@ -185,8 +204,13 @@ class Trainer:
         train_records, eval_records = load_records_for(cfg, self.data_kind)
         self.train_set = self.tokenize(train_records, f"dataset {cfg.dataset!r}")
         self.held_out = self.tokenize(eval_records, "eval dataset") if eval_records else []
-        self.prepare()
-        self.model = wrap_ddp(self.load_model(), self.info)
+        self.precision = precision_of(cfg, self.device)
+        with self.precision.autocast():
+            self.prepare()
+        model = self.load_model()
+        with self.precision.autocast():
+            self.after_load(model)
+        self.model = wrap_ddp(model, self.info)
         optimizer = build_optimizer(self.model, cfg)
         scheduler = build_scheduler(optimizer, cfg,
                                     total_steps(cfg, len(self.train_set), global_batch_size(cfg, self.info)))
@@ -194,6 +218,6 @@ class Trainer:
         last = train_loop(cfg=cfg, info=self.info, model=self.model, optimizer=optimizer, scheduler=scheduler,
                           examples=self.train_set, loss_fn=self.loss, normalizer=self.normalizer,
                           tokenizer=self.tokenizer, logger=run.logger, start_step=start,
-                          eval_fn=torch.no_grad()(self.evaluate), desc=self.name)
+                          eval_fn=torch.no_grad()(self.evaluate), desc=self.name, precision=self.precision)
         run.close()
         return last

@@ -22,10 +22,17 @@ Conventions (Hugging Face's): ``labels`` are aligned with ``input_ids`` (``label
 predicted at position t; the last column and ignored positions are 0.  The logits the fused path
 stands for are the model's own: ``logit_scale`` and ``final_logit_softcapping`` are read from the
 model config (see :func:`head_transform`), then divided by ``temperature``.
+
+Precision: under ``torch.autocast`` the head's matmul runs in the autocast dtype, as the unfused head
+would (the hidden state and an fp32 master weight are cast to it; gradients flow back to the weight in
+its own dtype); the kernel accumulates in fp32 and runs with autocast off.  A PEFT LoRA adapter on the
+head itself is supported: the effective weight ``W + scaling * B @ A`` of the active adapters goes to
+the kernel (refused with a non-zero ``lora_dropout`` while training, which cannot be folded in).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -115,13 +122,46 @@ def _backbone(model):
     return body
 
 
+def _lora_head_weight(head, weight: torch.Tensor) -> torch.Tensor:
+    """The effective weight of a PEFT LoRA-wrapped linear head: ``W + scaling * B @ A`` summed over its
+    active, unmerged adapters (``W`` alone when the adapters are disabled or merged), differentiable
+    in the adapters.  Dropout on the adapter input cannot be folded into a weight: a head with
+    ``lora_dropout > 0`` in training mode is refused."""
+    if getattr(head, "disable_adapters", False) or getattr(head, "merged", False):
+        return weight
+    active = getattr(head, "active_adapters", None) or []
+    if isinstance(active, str):
+        active = [active]
+    for name in active:
+        if name not in getattr(head, "lora_A", {}):
+            continue
+        dropout = head.lora_dropout[name]
+        if head.training and not isinstance(dropout, torch.nn.Identity) and getattr(dropout, "p", 0) > 0:
+            raise TypeError("the fused log-prob path cannot apply LoRA dropout on the LM head; train the head's "
+                            "adapter with lora_dropout 0 or leave lm_head out of the target modules")
+        if getattr(head, "use_dora", {}).get(name, False):
+            raise TypeError("the fused log-prob path does not support DoRA on the LM head")
+        a, b = head.lora_A[name].weight, head.lora_B[name].weight  # [r, H], [V, r]
+        delta = (b @ a.to(b.dtype)) * head.scaling[name]
+        if getattr(head, "fan_in_fan_out", False):
+            delta = delta.T
+        weight = weight + delta.to(weight.dtype)
+    return weight
+
+
 def _head(model):
     head = model.get_output_embeddings()
-    weight = getattr(head, "weight", None)
-    if head is None or not isinstance(weight, torch.Tensor) or weight.dim() != 2 or hasattr(head, "base_layer"):
+    lora = head is not None and hasattr(head, "base_layer") and hasattr(head, "lora_A")
+    base = head.base_layer if lora else head
+    weight = getattr(base, "weight", None)
+    if head is None or not isinstance(weight, torch.Tensor) or weight.dim() != 2 or \
+            (hasattr(head, "base_layer") and not lora):
         raise TypeError(f"the fused log-prob path needs a plain linear LM head (a [V, H] weight and an optional "
-                        f"bias); {type(model).__name__}.get_output_embeddings() is {type(head).__name__}")
-    bias = getattr(head, "bias", None)
+                        f"bias), or one with PEFT LoRA adapters; {type(model).__name__}.get_output_embeddings() "
+                        f"is {type(head).__name__}")
+    bias = getattr(base, "bias", None)
+    if lora:
+        weight = _lora_head_weight(head, weight)
     return weight, bias if isinstance(bias, torch.Tensor) else None
 
 
@@ -134,17 +174,23 @@ def _fused_forward(model, request: _Request, args, kwargs) -> FusedLogprobs:
     out = _backbone(model)(*args, use_cache=False, return_dict=True, **kwargs)
     hidden = out.last_hidden_state
     weight, bias = _head(model)
-    h = hidden.to(weight.device)
-    if h.dtype != weight.dtype:  # e.g. under autocast: the head would have run in the weight's dtype
-        h = h.to(weight.dtype)
+    device_type = weight.device.type
+    # The dtype the head's matmul would run in: the autocast dtype under autocast (fp32 master weights
+    # with bf16/fp16 compute), else the weight's.  The kernel accumulates in fp32 either way and is run
+    # with autocast off, so its own fp32 math is not cast down.
+    autocast = torch.is_autocast_enabled(device_type)
+    compute = torch.get_autocast_dtype(device_type) if autocast else weight.dtype
+    h = hidden.to(device=weight.device, dtype=compute)
+    w = weight.to(compute)
+    b = None if bias is None else bias.to(compute)
     labels = request.labels.to(weight.device)
     if labels.shape != h.shape[:-1]:
         raise ValueError(f"labels must have the shape of input_ids {tuple(h.shape[:-1])}; got {tuple(labels.shape)}")
     scale, softcap = head_transform(model.config)
-    res = rk.linear_token_logprobs(h, weight, labels, bias=None if bias is None else bias.to(weight.dtype),
-                                   temperature=request.temperature, ignore_index=request.ignore_index,
-                                   return_entropy=request.return_entropy, logit_scale=scale, softcap=softcap,
-                                   backend=request.backend)
+    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+        res = rk.linear_token_logprobs(h, w, labels, bias=b, temperature=request.temperature,
+                                       ignore_index=request.ignore_index, return_entropy=request.return_entropy,
+                                       logit_scale=scale, softcap=softcap, backend=request.backend)
     logprobs, entropy = res if request.return_entropy else (res, None)
     return FusedLogprobs(logprobs, entropy, hidden if request.return_hidden else None)
 

@@ -50,6 +50,13 @@ def _ppo(argv: list[str]) -> int:
     return ppo_main(argv)
 
 
+def _grpo(argv: list[str]) -> int:
+    """GRPO from an SFT model: G completions per prompt, group-relative advantages, clipped updates."""
+    from .grpo import main as grpo_main
+
+    return grpo_main(argv)
+
+
 def _pipeline(argv: list[str]) -> int:
     """The whole RLHF pipeline (SFT, reward model, PPO, DPO) on the built-in task, with a report."""
     from .pipeline import main as pipeline_main
@@ -57,7 +64,7 @@ def _pipeline(argv: list[str]) -> int:
     return pipeline_main(argv)
 
 
-COMMANDS.update(ppo=_ppo, pipeline=_pipeline)
+COMMANDS.update(ppo=_ppo, grpo=_grpo, pipeline=_pipeline)
 
 
 # What the ``[pipeline]`` extra adds to a kernels-only install (``pip install rlhf-kernels``), by the

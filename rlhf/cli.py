@@ -58,7 +58,7 @@ def _grpo(argv: list[str]) -> int:
 
 
 def _pipeline(argv: list[str]) -> int:
-    """The whole RLHF pipeline (SFT, reward model, PPO, DPO) on the built-in task, with a report."""
+    """The whole RLHF pipeline (SFT, reward model, PPO, DPO, GRPO) on the built-in task, with a report."""
     from .pipeline import main as pipeline_main
 
     return pipeline_main(argv)

@@ -389,6 +389,7 @@ def make_plots(out: str, paths: dict, runs: list[str]) -> list[str]:
         "grpo": [
             "reward",
             "objective/gold",
+            "eval/gold",
             "kl",
             "entropy",
             "completions/mean_length",

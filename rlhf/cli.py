@@ -50,8 +50,15 @@ def _ppo(argv: list[str]) -> int:
     return ppo_main(argv)
 
 
+def _grpo(argv: list[str]) -> int:
+    """GRPO from an SFT model: G completions per prompt, group-relative advantages, clipped updates."""
+    from .grpo import main as grpo_main
+
+    return grpo_main(argv)
+
+
 def _pipeline(argv: list[str]) -> int:
-    """The whole RLHF pipeline (SFT, reward model, PPO, DPO) on the built-in task, with a report."""
+    """The whole RLHF pipeline (SFT, reward model, PPO, DPO, GRPO) on the built-in task, with a report."""
     from .pipeline import main as pipeline_main
 
     return pipeline_main(argv)
@@ -64,7 +71,7 @@ def _convert_gguf(argv: list[str]) -> int:
     return convert_main(argv)
 
 
-COMMANDS.update(ppo=_ppo, pipeline=_pipeline)
+COMMANDS.update(ppo=_ppo, grpo=_grpo, pipeline=_pipeline)
 COMMANDS["convert-gguf"] = _convert_gguf
 
 

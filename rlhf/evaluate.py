@@ -30,13 +30,15 @@ def evaluate_policy(
     seed: int = 1234,
     backend: str = "auto",
 ) -> dict[str, float]:
-    """Mean gold score (when ``gold_fn(prompt, response)`` is given), proxy reward, KL to SFT, length.
+    """Mean gold score (when ``gold_fn(prompt, response)`` is given), proxy reward (when
+    ``reward_model`` is given), KL to SFT (when ``sft_policy`` is given: GRPO with ``beta=0`` loads
+    no reference), response length.
 
     ``prompts`` are strings or chat message lists, encoded as ``rlhf ppo`` encodes its prompts.
 
     The sampling RNG is forked so that evaluating does not change the caller's random stream.
     """
-    score_head = ScalarHead(reward_model)
+    score_head = ScalarHead(reward_model) if reward_model is not None else None
     device = next(policy.parameters()).device
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     if pad_id is None:
@@ -53,21 +55,28 @@ def evaluate_policy(
             ]
             r = sample_rollout(policy, ids, eos_id=eos_id, pad_id=pad_id, max_new_tokens=max_new_tokens,
                                device=device)
-            logp = policy_logprobs(policy, r.input_ids, r.attention_mask, r.labels, 1.0, backend)
-            sft_logp = policy_logprobs(sft_policy, r.input_ids, r.attention_mask, r.labels, 1.0, backend)
-            kl += (
-                (rk.kl_penalty(logp, sft_logp, estimator="k1", backend=backend) * r.response_mask)
-                .sum(1)
-                .tolist()
-            )
-            proxy += r.last_token_scores(score_head(r.input_ids, r.attention_mask, r.position_ids)).tolist()
+            if sft_policy is not None:
+                logp = policy_logprobs(policy, r.input_ids, r.attention_mask, r.labels, 1.0, backend)
+                sft_logp = policy_logprobs(sft_policy, r.input_ids, r.attention_mask, r.labels, 1.0, backend)
+                kl += (
+                    (rk.kl_penalty(logp, sft_logp, estimator="k1", backend=backend) * r.response_mask)
+                    .sum(1)
+                    .tolist()
+                )
+            if score_head is not None:
+                proxy += r.last_token_scores(score_head(r.input_ids, r.attention_mask, r.position_ids)).tolist()
             length += r.response_mask.sum(1).tolist()
             if gold_fn is not None:
                 for text, response in zip(texts, r.response_lists()):
                     gold.append(gold_fn(text, tokenizer.decode(response, skip_special_tokens=True)))
     policy.train(was_training)
     mean = lambda xs: float(sum(xs) / len(xs)) if xs else float("nan")
-    out = {"proxy": mean(proxy), "kl_to_sft": mean(kl), "response_length": mean(length)}
+    out = {}
+    if score_head is not None:
+        out["proxy"] = mean(proxy)
+    if sft_policy is not None:
+        out["kl_to_sft"] = mean(kl)
+    out["response_length"] = mean(length)
     if gold_fn is not None:
         out["gold"] = mean(gold)
     return out

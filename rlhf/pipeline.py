@@ -1,4 +1,4 @@
-"""``rlhf pipeline``: the whole RLHF job in one command, SFT -> reward model -> PPO, and DPO beside it.
+"""``rlhf pipeline``: the whole RLHF job in one command, SFT -> reward model -> PPO, and DPO and GRPO beside it.
 
 With no arguments it runs the built-in task (no download) on CPU in minutes:
 
@@ -7,7 +7,9 @@ With no arguments it runs the built-in task (no download) on CPU in minutes:
 3. PPO from the SFT model against that reward model (``rlhf ppo``), tracking the gold score beside
    the proxy reward as the KL to SFT grows;
 4. the same PPO with the KL penalty off, to show over-optimisation of the proxy (Gao et al., 2022);
-5. DPO from the same SFT model on the same pairs (``rlhf dpo``).
+5. DPO from the same SFT model on the same pairs (``rlhf dpo``);
+6. GRPO from the same SFT model (``rlhf grpo``): on a built-in task with its gold scorer as a
+   verifiable reward, otherwise against the reward model (``--grpo-reward``).
 
 Each final model is then sampled on the same held-out prompts and scored: mean gold score (built-in
 task), reward-model score (the proxy), KL to the SFT model (nats per response) and response length.
@@ -57,8 +59,16 @@ class PipelineConfig:
     """PPO steps, each sampling a rollout batch (0: the stage's default epochs)."""
     dpo_steps: int = 0
     """DPO optimizer steps (0: the stage's default epochs)."""
+    grpo_steps: int = 60
+    """GRPO steps, each sampling a generation batch (0: the stage's default epochs)."""
+    grpo_run: bool = True
+    """Run the GRPO stage (``--no-grpo-run`` skips it)."""
+    grpo_reward: str = "auto"
+    """GRPO's reward: ``gold`` (the built-in task's gold scorer, a verifiable reward), ``reward_model``
+    (the pipeline's reward model), ``both`` (summed), or ``auto``: gold when the prompt data is a
+    built-in task with a gold scorer, else the reward model."""
     ppo_eval_steps: int = 10
-    """Evaluate gold/proxy/KL during PPO every this many steps (0: only at the end)."""
+    """Evaluate gold/proxy/KL during PPO (and gold during GRPO) every this many steps (0: only at the end)."""
     kl_off_run: bool = True
     """Also run PPO with the KL penalty off, to show over-optimisation (``--no-kl-off-run`` skips it)."""
     eval_prompts: int = 256
@@ -82,13 +92,15 @@ class PipelineConfig:
     """YAML of ``rlhf ppo`` options for that stage; the pipeline sets the model, data and output folders."""
     dpo_config: str | None = None
     """YAML of ``rlhf dpo`` options for that stage; the pipeline sets the model, data and output folders."""
+    grpo_config: str | None = None
+    """YAML of ``rlhf grpo`` options for that stage; the pipeline sets the model, data, reward and output folders."""
 
     def __post_init__(self):
         from .config import KERNEL_BACKENDS, check_types, require, require_choice
 
         check_types(self)
         require(self.output_dir.strip() != "", "output_dir", "a folder path", self.output_dir)
-        for name in ("sft_steps", "reward_steps", "ppo_steps", "dpo_steps", "ppo_eval_steps"):
+        for name in ("sft_steps", "reward_steps", "ppo_steps", "dpo_steps", "grpo_steps", "ppo_eval_steps"):
             require(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
         require(self.eval_prompts >= 1, "eval_prompts", ">= 1", self.eval_prompts)
         if self.max_new_tokens is not None:
@@ -98,6 +110,7 @@ class PipelineConfig:
         require(self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"), "device",
                 "auto, cpu, cuda, cuda:N or mps", self.device)
         require_choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
+        require_choice("grpo_reward", self.grpo_reward, ("auto", "gold", "reward_model", "both"))
         from .config import report_targets
 
         report_targets(self.report_to)
@@ -169,6 +182,7 @@ def run_pipeline(args: PipelineConfig) -> dict:
     from .config import to_dict
     from .dpo import DPOConfig, train_dpo
     from .evaluate import evaluate_policy
+    from .grpo import GRPOConfig, train_grpo
     from .models import load_policy, load_reward_model, load_tokenizer, resolve_device
     from .ppo import PPOConfig, train_ppo
     from .reward import RewardConfig, train_reward
@@ -181,12 +195,17 @@ def run_pipeline(args: PipelineConfig) -> dict:
     from .config import UserError
 
     out = args.output_dir
-    paths = {s: os.path.join(out, s) for s in ("sft", "reward", "ppo", "ppo_no_kl", "dpo")}
+    paths = {s: os.path.join(out, s) for s in ("sft", "reward", "ppo", "ppo_no_kl", "dpo", "grpo")}
     if not args.overwrite_output_dir and any(holds_run(p) for p in [out, *paths.values()]):
         raise UserError(f"--output-dir {out!r} holds a previous pipeline run; pass --overwrite-output-dir to "
                         f"run again over it, or choose another folder")
     os.makedirs(out, exist_ok=True)
     task = get_task(args.prompt_data)  # a built-in task: its prompts and gold scorer
+    has_gold = task is not None and task.gold_score is not None
+    grpo_reward = args.grpo_reward if args.grpo_reward != "auto" else "gold" if has_gold else "reward_model"
+    if args.grpo_run and grpo_reward in ("gold", "both") and not has_gold:
+        raise UserError(f"--grpo-reward {grpo_reward}: the prompt data {args.prompt_data!r} is not a built-in task "
+                        f"with a gold scorer; use --grpo-reward reward_model")
     common = {
         "seed": args.seed,
         "device": args.device,
@@ -261,6 +280,18 @@ def run_pipeline(args: PipelineConfig) -> dict:
         ),
     )
     runs.append("dpo")
+    if args.grpo_run:
+        grpo_kw = {"max_steps": args.grpo_steps} if args.grpo_steps > 0 else {}
+        if args.max_new_tokens:
+            grpo_kw["max_completion_length"] = args.max_new_tokens
+        grpo_kw.update(eval_steps=args.ppo_eval_steps, eval_prompts=min(args.eval_prompts, 128), **length,
+                       **tok_common)
+        reward = {"reward_fn": "gold" if grpo_reward in ("gold", "both") else None,
+                  "reward_model": paths["reward"] if grpo_reward in ("reward_model", "both") else ""}
+        fixed = {"model": paths["sft"], "dataset": args.prompt_data, "output_dir": paths["grpo"], **reward}
+        stage("grpo", train_grpo, _config(GRPOConfig, args.grpo_config, grpo_kw, fixed))
+        summary["grpo_reward"] = grpo_reward
+        runs.append("grpo")
 
     # ---- the report: every final model sampled on the same held-out prompts ----
     print("\n[pipeline] evaluating every stage on the same held-out prompts", flush=True)
@@ -276,6 +307,10 @@ def run_pipeline(args: PipelineConfig) -> dict:
     reward_model = load_reward_model(paths["reward"], tok, device, trainable=False)
     max_new = ppo_cfg.max_new_tokens
     rows, results = [], {}
+    trained_on = {"sft": "demonstrations", "ppo": "reward model", "ppo_no_kl": "reward model, no KL",
+                  "dpo": "preference pairs",
+                  "grpo": {"gold": "gold scorer", "reward_model": "reward model",
+                           "both": "gold scorer + reward model"}.get(summary.get("grpo_reward"), "")}
     for name in runs:
         model = sft_model if name == "sft" else load_policy(paths[name], tok, device, trainable=False)
         res = evaluate_policy(
@@ -290,11 +325,11 @@ def run_pipeline(args: PipelineConfig) -> dict:
             backend=args.kernel_backend,
         )
         results[name] = res
-        rows.append({"stage": name, **res})
+        rows.append({"stage": name, **res, "trained_on": trained_on.get(name, "")})
     columns = (
-        ["stage", "gold", "proxy", "kl_to_sft", "response_length"]
+        ["stage", "gold", "proxy", "kl_to_sft", "response_length", "trained_on"]
         if task is not None and task.gold_score is not None
-        else ["stage", "proxy", "kl_to_sft", "response_length"]
+        else ["stage", "proxy", "kl_to_sft", "response_length", "trained_on"]
     )
     summary["table"] = print_table(
         f"report: {len(eval_prompts)} held-out prompts, responses sampled at temperature 1 (seed {args.seed})",
@@ -305,6 +340,8 @@ def run_pipeline(args: PipelineConfig) -> dict:
     summary["ppo_curve"] = _ppo_curve(paths["ppo"])
     if args.kl_off_run:
         summary["ppo_no_kl_curve"] = _ppo_curve(paths["ppo_no_kl"])
+    if args.grpo_run:
+        summary["grpo_curve"] = _ppo_curve(paths["grpo"])
     summary["seconds"] = time.time() - t_all
     summary["device"] = str(device)
     summary["torch_threads"] = torch.get_num_threads()
@@ -320,7 +357,8 @@ def run_pipeline(args: PipelineConfig) -> dict:
 
 
 def _ppo_curve(path: str) -> list[dict]:
-    """The PPO evaluations logged during training: step, gold, proxy, KL to SFT (over-optimisation)."""
+    """The evaluations logged during PPO (or GRPO) training: step, gold, proxy, KL to SFT
+    (over-optimisation); GRPO without a reward model or reference logs no proxy or KL."""
     from .metrics_log import read_metrics
 
     return [
@@ -357,6 +395,15 @@ def make_plots(out: str, paths: dict, runs: list[str]) -> list[str]:
             "objective/entropy",
             "loss/value",
             "policy/clipfrac",
+        ],
+        "grpo": [
+            "reward",
+            "objective/gold",
+            "eval/gold",
+            "kl",
+            "entropy",
+            "completions/mean_length",
+            "clip_ratio/region_mean",
         ],
     }
     for stage, keys in panels.items():
@@ -404,7 +451,7 @@ def make_plots(out: str, paths: dict, runs: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The whole RLHF pipeline (SFT, reward model, PPO, DPO) on the built-in task, with a report."""
+    """The whole RLHF pipeline (SFT, reward model, PPO, DPO, GRPO) on the built-in task, with a report."""
     from .config import parse_config
     from .trainer_utils import command_body
 

@@ -27,7 +27,6 @@ import torch
 from .actor_critic import ActorCritic
 from .checkpoint import load_training_state, save_checkpoint, save_final
 from .config import Alias, ConfigError, RunConfig
-from .data import column, take, tokenize_prompts
 from .distributed import set_step
 from .evaluate import evaluate_policy
 from .generation import generate_responses, left_pad
@@ -43,13 +42,13 @@ from .models import (
 )
 from .precision import precision_of
 from .ppo_trainer import PPOTrainer
-from .tasks import DEFAULT_TASK, get_task
+from .tasks import DEFAULT_TASK
 from .trainer_utils import (
     DataSizeError,
     RunContext,
     due,
     global_batch_indices,
-    load_records_for,
+    load_rl_prompts,
     log_due,
     rank_slice,
     run_command,
@@ -234,12 +233,7 @@ def train_ppo(cfg: PPOConfig) -> dict:
         torch.manual_seed(cfg.seed * 1000 + info.rank)
     if cfg.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
-    records, eval_records = load_records_for(cfg, "prompts")
-    prompts = column(tokenize_prompts(records, tok, cfg.max_length, name=f"dataset {cfg.dataset!r}"), "prompt_ids")
-    task = get_task(cfg.dataset)
-    if not eval_records:  # a built-in task: fresh prompts; otherwise the first training prompts
-        eval_records = task.prompts(cfg.eval_prompts, seed=cfg.seed + 777) if task is not None else records
-    eval_texts = [r["prompt"] for r in take(eval_records, cfg.eval_prompts)]
+    _, prompts, eval_texts, task = load_rl_prompts(cfg, tok)
     steps = (
         cfg.max_steps
         if cfg.max_steps > 0

@@ -154,6 +154,24 @@ def load_records_for(cfg, kind: str) -> tuple[list[dict], list[dict]]:
     return train, held_out
 
 
+def load_rl_prompts(cfg, tokenizer) -> tuple[list[dict], list[list[int]], list, object]:
+    """The prompts of an RL run (``rlhf ppo``, ``rlhf grpo``): ``(records, prompt token ids, evaluation
+    prompts, task)``.  The evaluation prompts are ``cfg.eval_prompts`` of the held-out records, or on
+    a built-in task fresh prompts (seeded apart from the training ones), or else the first training
+    prompts; ``task`` is the built-in task ``cfg.dataset`` names, or None."""
+    from .data import column, take, tokenize_prompts
+    from .tasks import get_task
+
+    records, eval_records = load_records_for(cfg, "prompts")
+    # a column view: prompts of a datasets table stay in Arrow until read
+    prompts = column(tokenize_prompts(records, tokenizer, cfg.max_length, name=f"dataset {cfg.dataset!r}"),
+                     "prompt_ids")
+    task = get_task(cfg.dataset)
+    if not eval_records:  # a built-in task: fresh prompts; otherwise the first training prompts
+        eval_records = task.prompts(cfg.eval_prompts, seed=cfg.seed + 777) if task is not None else records
+    return records, prompts, [r["prompt"] for r in take(eval_records, cfg.eval_prompts)], task
+
+
 class RunContext:
     """What every trainer sets up first: processes, device, seed, the output folder (refusing one that
     holds another run), the resume point, tokenizer and logger."""

@@ -18,7 +18,7 @@ The model is a tiny Llama (:func:`tiny_llama_config`) and the tokenizer is chara
 (:func:`build_tokenizer`); neither needs a download.  Everything is a pure function of the seed.
 The task registers itself as ``builtin`` (:data:`TASK`, see :mod:`rlhf.tasks.registry`), with the
 settings tuned for the tiny model per command (:data:`SFT_DEFAULTS`, :data:`REWARD_DEFAULTS`,
-:data:`DPO_DEFAULTS`, :data:`PPO_DEFAULTS`); the commands' own defaults are for real models.
+:data:`DPO_DEFAULTS`, :data:`PPO_DEFAULTS`, :data:`GRPO_DEFAULTS`); the commands' own defaults are for real models.
 """
 
 from __future__ import annotations
@@ -200,6 +200,13 @@ PPO_DEFAULTS = {
     "kl_coef": 0.05,
     "max_length": 32,
 }
+GRPO_DEFAULTS = {
+    "generation_batch_size": 128,
+    "max_completion_length": 8,
+    "lr": 1e-3,
+    "max_length": 32,
+    "logging_steps": 1,
+}
 
 TASK = register_task(Task(
     name=DEFAULT_TASK,
@@ -209,5 +216,6 @@ TASK = register_task(Task(
     data_sizes={"sft": 4000, "preference": 6000, "prompts": 1000},
     gold_score=gold_score,
     evaluate_gold=evaluate_gold,
-    defaults={"sft": SFT_DEFAULTS, "reward": REWARD_DEFAULTS, "dpo": DPO_DEFAULTS, "ppo": PPO_DEFAULTS},
+    defaults={"sft": SFT_DEFAULTS, "reward": REWARD_DEFAULTS, "dpo": DPO_DEFAULTS, "ppo": PPO_DEFAULTS,
+              "grpo": GRPO_DEFAULTS},
 ))

@@ -16,6 +16,7 @@ peft = pytest.importorskip("peft", reason="peft is not installed: pip install 'r
 from safetensors.torch import load_file
 
 from rlhf.dpo import DPOConfig, DPOTrainer, pair_logprobs
+from rlhf.grpo import GRPOConfig, train_grpo
 from rlhf.metrics_log import read_metrics
 from rlhf.models import load_policy, load_reward_model, load_tokenizer, policy_logprobs, reference_of
 from rlhf.ppo import PPOConfig, train_ppo
@@ -167,6 +168,25 @@ def test_ppo_with_lora_trains_adapters_and_resumes(tmp_path, tiny_models):
     train_ppo(PPOConfig(max_steps=3, resume=True, **cfg))
     steps = [r["step"] for r in read_metrics(out) if "objective/kl" in r]
     assert steps == [1, 2, 3]
+
+
+def test_grpo_with_lora_trains_adapters_against_the_base_and_resumes(tmp_path, tiny_models):
+    base = tiny_models["llama"]
+    data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in pref_records("explicit")])
+    out = str(tmp_path / "grpo")
+    cfg = dict(model=base, reward_model=base, dataset=data, output_dir=out, num_generations=2,
+               generation_batch_size=4, max_completion_length=4, eval_prompts=4, lr=1e-3, beta=0.1,
+               logging_steps=1, max_length=32, progress_bar=False, save_steps=1, **LORA)
+    train_grpo(GRPOConfig(max_steps=2, **cfg))
+    assert os.path.exists(os.path.join(out, "checkpoint-1", "adapter_config.json"))
+    saved = load_file(os.path.join(out, "adapter_model.safetensors"))
+    assert all("lora_" in k for k in saved) and any(float(v.abs().max()) > 0 for k, v in saved.items() if "lora_B" in k)
+    rows = [r for r in read_metrics(out) if "kl" in r]
+    # step 1 learns from the untouched policy: LoRA's B starts at 0, so policy == reference (the base)
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[-1]["kl"] > 0.0  # after an update the adapters move the policy away from the base
+    train_grpo(GRPOConfig(max_steps=3, resume=True, **cfg))
+    assert [r["step"] for r in read_metrics(out) if "kl" in r] == [1, 2, 3]
 
 
 def test_fused_logprobs_with_lora_on_the_lm_head():

@@ -269,25 +269,26 @@ def test_lora_option_errors_are_one_line(tmp_path, tiny_models, capsys, monkeypa
 
 
 def test_pipeline_stages_start_from_adapter_folders(tmp_path):
-    """SFT trains the built-in model fully; reward, PPO and DPO train LoRA adapters on it (stage YAML);
-    PPO starts from the reward model's adapter folder, the report loads every adapter folder."""
+    """SFT trains the built-in model fully; reward, PPO, DPO and GRPO train LoRA adapters on it (stage
+    YAML); PPO starts from the reward model's adapter folder, the report loads every adapter folder."""
     import json
 
     from rlhf.pipeline import main as pipeline_main
 
     lora = "use_peft: true\nlora_r: 4\nlora_alpha: 8\nlora_dropout: 0.0\nlora_target_modules: [q_proj, v_proj]\n"
-    for stage in ("reward", "ppo", "dpo"):
+    for stage in ("reward", "ppo", "dpo", "grpo"):
         (tmp_path / f"{stage}.yaml").write_text(lora + ("value_model: reward\nrollout_batch_size: 16\n"
                                                          "mini_batch_size: 8\n" if stage == "ppo" else ""))
     out = tmp_path / "pipeline"
     code = pipeline_main(["--output-dir", str(out), "--sft-steps", "4", "--reward-steps", "4", "--ppo-steps", "1",
-                          "--ppo-eval-steps", "0", "--dpo-steps", "4", "--eval-prompts", "8", "--no-kl-off-run",
-                          *[a for s in ("reward", "ppo", "dpo") for a in (f"--{s}-config", str(tmp_path / f"{s}.yaml"))]])
+                          "--ppo-eval-steps", "0", "--dpo-steps", "4", "--grpo-steps", "1", "--eval-prompts", "8",
+                          "--no-kl-off-run",
+                          *[a for s in ("reward", "ppo", "dpo", "grpo") for a in (f"--{s}-config", str(tmp_path / f"{s}.yaml"))]])
     assert code == 0
-    for stage in ("reward", "ppo", "dpo"):
+    for stage in ("reward", "ppo", "dpo", "grpo"):
         assert (out / stage / "adapter_config.json").exists() and not (out / stage / "config.json").exists(), stage
     report = json.loads((out / "report.json").read_text())
-    assert list(report["results"]) == ["sft", "ppo", "dpo"]
+    assert list(report["results"]) == ["sft", "ppo", "dpo", "grpo"]
     for stage, res in report["results"].items():
         assert all(math.isfinite(res[k]) for k in ("gold", "proxy", "kl_to_sft")), (stage, res)
     assert report["results"]["dpo"]["kl_to_sft"] != 0.0  # the adapters were loaded: DPO moved away from SFT

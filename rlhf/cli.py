@@ -84,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: rlhf {" + ",".join(COMMANDS) + "} [options]\n")
+        width = max(map(len, COMMANDS)) + 1
         for name, fn in COMMANDS.items():
-            print(f"  {name:<10} {(fn.__doc__ or '').strip().splitlines()[0]}")
+            print(f"  {name:<{width}} {(fn.__doc__ or '').strip().splitlines()[0]}")
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

@@ -116,30 +116,33 @@ void check_estimator(int64_t estimator, const char* op) {
 
 }  // namespace
 
-Tensor kl_penalty_fwd(const Tensor& logprobs, const Tensor& ref_logprobs, int64_t estimator) {
-  const char* op = "kl_penalty_fwd";
+namespace {
+
+// The forward; with dx (the training forward) also d kl / d logprobs (fp32).
+Tensor kl_forward(const char* op, const Tensor& logprobs, const Tensor& ref_logprobs, int64_t estimator, Tensor* dx) {
   check_float_cpu(logprobs, op, "logprobs");
   check_float_like(ref_logprobs, logprobs, op, "ref_logprobs", "logprobs");
   check_estimator(estimator, op);
   const Tensor a = contig(logprobs), b = contig(ref_logprobs);
   Tensor out = at::empty(a.sizes(), a.options().dtype(at::kFloat));
-  const KlArgs args{SrcF(a), SrcF(b), SrcF(a), DstF(out), DstF(out), static_cast<int>(estimator), false};
+  if (dx) *dx = at::empty(a.sizes(), a.options().dtype(at::kFloat));
+  const KlArgs args{SrcF(a), SrcF(b), SrcF(a), DstF(out), DstF(dx ? *dx : out), static_cast<int>(estimator),
+                    dx != nullptr};
   parallel_blocks(a.numel(), kElemGrain, [&](int64_t begin, int64_t end) { kl_fwd(args, begin, end); });
   return out;
+}
+
+}  // namespace
+
+Tensor kl_penalty_fwd(const Tensor& logprobs, const Tensor& ref_logprobs, int64_t estimator) {
+  return kl_forward("kl_penalty_fwd", logprobs, ref_logprobs, estimator, nullptr);
 }
 
 // The forward for training on CPU: also d kl / d logprobs (fp32), so the backward is one multiply
 // (grad * dx) instead of re-evaluating the estimator (k3's exp) from both inputs.
 Tensor2 kl_penalty_fwd_dx(const Tensor& logprobs, const Tensor& ref_logprobs, int64_t estimator) {
-  const char* op = "kl_penalty_fwd_dx";
-  check_float_cpu(logprobs, op, "logprobs");
-  check_float_like(ref_logprobs, logprobs, op, "ref_logprobs", "logprobs");
-  check_estimator(estimator, op);
-  const Tensor a = contig(logprobs), b = contig(ref_logprobs);
-  Tensor out = at::empty(a.sizes(), a.options().dtype(at::kFloat));
-  Tensor dx = at::empty(a.sizes(), a.options().dtype(at::kFloat));
-  const KlArgs args{SrcF(a), SrcF(b), SrcF(a), DstF(out), DstF(dx), static_cast<int>(estimator), true};
-  parallel_blocks(a.numel(), kElemGrain, [&](int64_t begin, int64_t end) { kl_fwd(args, begin, end); });
+  Tensor dx;
+  Tensor out = kl_forward("kl_penalty_fwd_dx", logprobs, ref_logprobs, estimator, &dx);
   return {out, dx};
 }
 

@@ -1,4 +1,5 @@
-"""Evaluate a policy the way the pipeline report does: gold score, proxy reward, KL to SFT, length.
+"""Evaluate a policy the way the pipeline report does: gold score, proxy reward, reward-function
+scores, KL to SFT, length.
 
 Responses are sampled with the pipeline's one sampler (:mod:`rlhf.generation`) at temperature 1 (the
 distribution PPO optimises), so the mean over samples of sum_t (log pi(y_t) - log pi_sft(y_t)) is an
@@ -13,6 +14,7 @@ import rlhf_kernels as rk
 
 from .data import tokenize_prompts
 from .models import ScalarHead, policy_logprobs
+from .reward_functions import score_completions
 from .rollout import sample_rollout
 
 
@@ -29,10 +31,14 @@ def evaluate_policy(
     batch_size: int = 64,
     seed: int = 1234,
     backend: str = "auto",
+    reward_fns: list | None = None,
+    records: list[dict] | None = None,
 ) -> dict[str, float]:
     """Mean gold score (when ``gold_fn(prompt, response)`` is given), proxy reward (when
-    ``reward_model`` is given), KL to SFT (when ``sft_policy`` is given: GRPO with ``beta=0`` loads
-    no reference), response length.
+    ``reward_model`` is given), reward-function scores (when ``reward_fns`` ``[(name, fn)]`` and the
+    prompts' dataset ``records`` are given: ``rewards/<name>`` each, ``reward`` their sum, as GRPO
+    trains on), KL to SFT (when ``sft_policy`` is given: GRPO with ``beta=0`` loads no reference),
+    response length.
 
     ``prompts`` are strings or chat message lists, encoded as ``rlhf ppo`` encodes its prompts.
 
@@ -45,7 +51,10 @@ def evaluate_policy(
         pad_id = eos_id
     was_training = policy.training
     policy.eval()
+    if reward_fns and (records is None or len(records) != len(prompts)):
+        raise ValueError("reward_fns need the dataset records of the prompts (one per prompt)")
     gold, proxy, kl, length = [], [], [], []
+    fn_scores: dict[str, list[float]] = {name: [] for name, _ in reward_fns or []}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for start in range(0, len(prompts), batch_size):
@@ -66,6 +75,11 @@ def evaluate_policy(
             if score_head is not None:
                 proxy += r.last_token_scores(score_head(r.input_ids, r.attention_mask, r.position_ids)).tolist()
             length += r.response_mask.sum(1).tolist()
+            if reward_fns:
+                scores = score_completions(reward_fns, records[start : start + batch_size], r.response_lists(),
+                                           tokenizer)
+                for name, values in scores.items():
+                    fn_scores[name] += values
             if gold_fn is not None:
                 for text, response in zip(texts, r.response_lists()):
                     gold.append(gold_fn(text, tokenizer.decode(response, skip_special_tokens=True)))
@@ -79,4 +93,12 @@ def evaluate_policy(
     out["response_length"] = mean(length)
     if gold_fn is not None:
         out["gold"] = mean(gold)
+    if fn_scores:
+        nanmean = lambda xs: mean([x for x in xs if x == x])
+        for name, values in fn_scores.items():
+            out[f"rewards/{name}"] = nanmean(values)
+        # per completion, the sum of what could score it (NaN only when nothing could), as in training
+        sums = [sum(v for v in vs if v == v) if any(v == v for v in vs) else float("nan")
+                for vs in zip(*fn_scores.values())]
+        out["reward"] = nanmean(sums)
     return out

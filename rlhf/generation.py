@@ -50,11 +50,15 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def _cache_keyword(model) -> str:
+def _forward_keywords(model) -> tuple[str, dict]:
+    """The model's KV-cache keyword, and ``{"logits_to_keep": 1}`` when its forward takes it: the
+    prompt's forward then runs the LM head on the last position only, not on every prompt token."""
     # transformers 5 names the KV cache `cache` in some models; 4.x and Llama name it `past_key_values`.
     # A peft wrapper forwards the keyword to the Hugging Face model inside: ask that one.
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+    params = inspect.signature(inner.forward).parameters
+    cache = "cache" if "cache" in params else "past_key_values"
+    return cache, ({"logits_to_keep": 1} if "logits_to_keep" in params else {})
 
 
 @torch.no_grad()
@@ -90,14 +94,14 @@ def generate_responses(
     B = prompt_ids.shape[0]
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    cache_kw = _cache_keyword(model)
+    cache_kw, last_only = _forward_keywords(model)
     past = None
     step_ids, attention_mask = prompt_ids, prompt_mask
     position_ids = position_ids_from_mask(attention_mask)
     steps = 0
     for t in range(max_new_tokens):
         res = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    use_cache=True, **{cache_kw: past})
+                    use_cache=True, **{cache_kw: past}, **last_only)
         past = res[cache_kw]
         logits = res.logits[:, -1].float()
         if greedy:

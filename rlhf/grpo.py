@@ -205,7 +205,7 @@ def train_grpo(cfg: GRPOConfig) -> dict:
     tok, info, device = run.tokenizer, run.info, run.device
     if not run.checkpoint:  # each process samples its own completions
         torch.manual_seed(cfg.seed * 1000 + info.rank)
-    records, prompts, eval_texts, task = load_rl_prompts(cfg, tok)
+    records, prompts, eval_records, task = load_rl_prompts(cfg, tok)
     per_step = cfg.prompts_per_step
     if len(prompts) < per_step:
         raise DataSizeError(f"{len(prompts)} prompts are fewer than one generation batch of {per_step} prompts "
@@ -233,12 +233,12 @@ def train_grpo(cfg: GRPOConfig) -> dict:
         start, _ = load_training_state(run.checkpoint, trainer.optimizer, trainer.scheduler, info)
 
     def evaluate() -> dict:
-        if not eval_texts:
+        if not eval_records:
             return {}
         with precision.autocast():
-            res = evaluate_policy(trainer.policy, reference, reward_model, tok, eval_texts, gold_fn=gold,
-                                  max_new_tokens=cfg.max_completion_length, seed=cfg.seed,
-                                  backend=cfg.kernel_backend)
+            res = evaluate_policy(trainer.policy, reference, reward_model, tok, [r["prompt"] for r in eval_records],
+                                  gold_fn=gold, max_new_tokens=cfg.max_completion_length, seed=cfg.seed,
+                                  backend=cfg.kernel_backend, reward_fns=trainer.reward_fns, records=eval_records)
         return {f"eval/{k}": v for k, v in res.items()}
 
     if start == 0 and cfg.eval_steps > 0:  # the starting point of the curve

@@ -34,7 +34,7 @@ import rlhf_kernels as rk
 
 from .distributed import DistInfo, all_gather_cat, all_reduce_sum, wrap_ddp
 from .models import ScalarHead, fused_response_logprobs
-from .reward_functions import call_reward_function
+from .reward_functions import score_completions
 from .rollout import Rollout, sample_rollout
 from .precision import Precision, optimizer_step
 from .trainer_utils import build_optimizer, build_scheduler, clip_grad_norm
@@ -288,15 +288,8 @@ class GRPOTrainer:
             per_source["reward_model"] = r.last_token_scores(
                 self.reward_model(r.input_ids, r.attention_mask, r.position_ids))
         if self.reward_fns:
-            prompts = [rec["prompt"] for rec in records for _ in range(G)]
-            ids = r.response_lists()
-            texts = [self.tokenizer.decode(x, skip_special_tokens=True) for x in ids]
-            completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t
-                           for p, t in zip(prompts, texts)]
-            columns = {k: [rec.get(k) for rec in records for _ in range(G)]
-                       for k in dict.fromkeys(k for rec in records for k in rec) if k != "prompt"}
-            for name, fn in self.reward_fns:
-                values = call_reward_function(fn, name, prompts, completions, completion_ids=ids, **columns)
+            scores = score_completions(self.reward_fns, records, r.response_lists(), self.tokenizer, repeat=G)
+            for name, values in scores.items():
                 per_source[name] = torch.tensor(values, dtype=torch.float32, device=self.device)
         stacked = torch.stack(list(per_source.values()), 1)
         rewards = torch.where(torch.isnan(stacked).all(1), float("nan"), stacked.nansum(1))

@@ -233,7 +233,8 @@ def train_ppo(cfg: PPOConfig) -> dict:
         torch.manual_seed(cfg.seed * 1000 + info.rank)
     if cfg.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
-    _, prompts, eval_texts, task = load_rl_prompts(cfg, tok)
+    _, prompts, eval_records, task = load_rl_prompts(cfg, tok)
+    eval_texts = [r["prompt"] for r in eval_records]
     steps = (
         cfg.max_steps
         if cfg.max_steps > 0

@@ -114,3 +114,22 @@ def call_reward_function(fn: Callable, name: str, prompts: list, completions: li
                                       f"must be a finite number (or None: cannot score)")
         values.append(float(v))
     return values
+
+
+def score_completions(reward_fns: list[tuple[str, Callable]], records: list[dict], completion_ids: list[list[int]],
+                      tokenizer, repeat: int = 1) -> dict[str, list[float]]:
+    """Every reward function's scores ``{name: [float]}`` (NaN: cannot score) for completions given as
+    token id lists, ``repeat`` consecutive completions per record (GRPO's group of G).
+
+    The call follows the convention above: the records' prompts and every other column repeated to
+    align with the completions, the decoded text (conversational when the prompt is)."""
+    prompts = [rec["prompt"] for rec in records for _ in range(repeat)]
+    if len(prompts) != len(completion_ids):
+        raise ValueError(f"{len(completion_ids)} completions for {len(records)} records x {repeat}")
+    texts = [tokenizer.decode(x, skip_special_tokens=True) for x in completion_ids]
+    completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t
+                   for p, t in zip(prompts, texts)]
+    columns = {k: [rec.get(k) for rec in records for _ in range(repeat)]
+               for k in dict.fromkeys(k for rec in records for k in rec) if k != "prompt"}
+    return {name: call_reward_function(fn, name, prompts, completions, completion_ids=completion_ids, **columns)
+            for name, fn in reward_fns}

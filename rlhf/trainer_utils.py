@@ -154,11 +154,12 @@ def load_records_for(cfg, kind: str) -> tuple[list[dict], list[dict]]:
     return train, held_out
 
 
-def load_rl_prompts(cfg, tokenizer) -> tuple[list[dict], list[list[int]], list, object]:
+def load_rl_prompts(cfg, tokenizer) -> tuple[list[dict], list[list[int]], list[dict], object]:
     """The prompts of an RL run (``rlhf ppo``, ``rlhf grpo``): ``(records, prompt token ids, evaluation
-    prompts, task)``.  The evaluation prompts are ``cfg.eval_prompts`` of the held-out records, or on
+    records, task)``.  The evaluation records are ``cfg.eval_prompts`` of the held-out records, or on
     a built-in task fresh prompts (seeded apart from the training ones), or else the first training
-    prompts; ``task`` is the built-in task ``cfg.dataset`` names, or None."""
+    records (each has a ``prompt``, and whatever other columns the dataset has); ``task`` is the
+    built-in task ``cfg.dataset`` names, or None."""
     from .data import column, take, tokenize_prompts
     from .tasks import get_task
 
@@ -169,7 +170,7 @@ def load_rl_prompts(cfg, tokenizer) -> tuple[list[dict], list[list[int]], list, 
     task = get_task(cfg.dataset)
     if not eval_records:  # a built-in task: fresh prompts; otherwise the first training prompts
         eval_records = task.prompts(cfg.eval_prompts, seed=cfg.seed + 777) if task is not None else records
-    return records, prompts, [r["prompt"] for r in take(eval_records, cfg.eval_prompts)], task
+    return records, prompts, [dict(r) for r in take(eval_records, cfg.eval_prompts)], task
 
 
 class RunContext:

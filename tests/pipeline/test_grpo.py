@@ -301,6 +301,33 @@ def test_reward_function_gets_the_dataset_columns(tiny_models, tmp_path, monkeyp
                         reward_fn="target_reward:wrong_length", max_steps=1))
 
 
+def test_evaluation_scores_held_out_prompts_with_the_reward_functions(tiny_models, tmp_path, monkeypatch):
+    """With a reward function and no built-in task, the evaluation reports the functions' scores on the
+    held-out prompts (sampled), each scored with its own record's columns."""
+    train, held = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_text("".join(json.dumps({"prompt": w + "=", "target": w}) + "\n"
+                             for w in ["abcd", "bcda", "cdab", "dabc", "aabb", "bbcc", "ccdd", "ddaa"]))
+    held.write_text("".join(json.dumps({"prompt": w + "=", "target": w}) + "\n" for w in ["ab", "cd", "abc"]))
+    (tmp_path / "len_reward.py").write_text(
+        "def target_length(prompts, completions, target, **kwargs):\n"
+        "    return [float(len(t)) for t in target]\n"
+        "def unscorable(prompts, completions, **kwargs):\n"
+        "    return [None] * len(completions)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "evalfn"
+    last = train_grpo(_cfg(tiny_models["llama"], out, dataset=str(train), eval_dataset=str(held),
+                           reward_fn="len_reward:target_length", max_steps=1, eval_steps=1))
+    steps = [r for r in read_metrics(str(out)) if "eval/reward" in r]
+    assert [r["step"] for r in steps][:2] == [0, 1]
+    assert last["reward"] == 4.0  # training prompts: targets of 4 letters
+    for r in steps:  # held-out prompts: (2 + 2 + 3) / 3, whatever was sampled
+        assert r["eval/reward"] == pytest.approx(7 / 3) and r["eval/rewards/target_length"] == pytest.approx(7 / 3)
+    last = train_grpo(_cfg(tiny_models["llama"], tmp_path / "none", dataset=str(train), eval_dataset=str(held),
+                           reward_fn="len_reward:unscorable", max_steps=1))
+    assert math.isnan(float(last["eval/reward"]))  # nothing could score a completion: no number made up
+
+
 def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
 

@@ -88,3 +88,16 @@ def test_bad_arguments_are_named(lm):
         generate_responses(lm, ids, mask, eos_id=EOS, pad_id=PAD, max_new_tokens=0)
     with pytest.raises(ValueError, match="temperature"):
         generate_responses(lm, ids, mask, eos_id=EOS, pad_id=PAD, max_new_tokens=2, temperature=-1.0)
+
+
+def test_the_prompt_forward_computes_the_last_positions_logits_only(lm):
+    """The prompt's forward asks for the LM head on its last position only (``logits_to_keep=1``): the
+    [B, P, V] logits of a long prompt batch were the largest tensor of a rollout and never used."""
+    shapes = []
+    handle = lm.lm_head.register_forward_hook(lambda mod, args, out: shapes.append(tuple(out.shape)))
+    try:
+        ids, mask = left_pad(PROMPTS[:4], PAD, "cpu")
+        generate_responses(lm, ids, mask, eos_id=EOS, pad_id=PAD, max_new_tokens=3, do_sample=False)
+    finally:
+        handle.remove()
+    assert shapes and all(s == (4, 1, VOCAB) for s in shapes), shapes

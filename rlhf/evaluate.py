@@ -8,6 +8,8 @@ unbiased estimate of KL(pi || pi_sft) per sequence.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 import rlhf_kernels as rk
@@ -94,11 +96,11 @@ def evaluate_policy(
     if gold_fn is not None:
         out["gold"] = mean(gold)
     if fn_scores:
-        nanmean = lambda xs: mean([x for x in xs if x == x])
+        nanmean = lambda xs: mean([x for x in xs if not math.isnan(x)])
         for name, values in fn_scores.items():
             out[f"rewards/{name}"] = nanmean(values)
         # per completion, the sum of what could score it (NaN only when nothing could), as in training
-        sums = [sum(v for v in vs if v == v) if any(v == v for v in vs) else float("nan")
+        sums = [math.fsum(v for v in vs if not math.isnan(v)) if not all(map(math.isnan, vs)) else float("nan")
                 for vs in zip(*fn_scores.values())]
         out["reward"] = nanmean(sums)
     return out

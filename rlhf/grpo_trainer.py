@@ -34,9 +34,9 @@ import rlhf_kernels as rk
 
 from .distributed import DistInfo, all_gather_cat, all_reduce_sum, wrap_ddp
 from .models import ScalarHead, fused_response_logprobs
+from .precision import Precision, optimizer_step
 from .reward_functions import score_completions
 from .rollout import Rollout, sample_rollout
-from .precision import Precision, optimizer_step
 from .trainer_utils import build_optimizer, build_scheduler, clip_grad_norm
 
 if TYPE_CHECKING:

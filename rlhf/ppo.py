@@ -40,8 +40,8 @@ from .models import (
     trainable_policy,
     trainable_reward_model,
 )
-from .precision import precision_of
 from .ppo_trainer import PPOTrainer
+from .precision import precision_of
 from .tasks import DEFAULT_TASK
 from .trainer_utils import (
     DataSizeError,
